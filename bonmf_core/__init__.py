@@ -1,0 +1,1 @@
+"""BoNMF core library: data, splits, the BoNMF model, training and evaluation."""

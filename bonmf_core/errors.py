@@ -1,0 +1,27 @@
+"""Errors a user can act on: each names the file, line or field that is wrong."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Input data is malformed. The message names the file and the line or field."""
+
+    def __init__(self, message: str, *, path: object = None, line: int | None = None,
+                 field: str | None = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        self.path, self.line, self.field = path, line, field
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+
+class ConfigMismatchError(ValueError):
+    """A saved artifact does not fit the configuration or data it is loaded with."""
+
+
+class LeakageError(ValueError):
+    """Train and test share interactions; evaluating would report inflated numbers."""

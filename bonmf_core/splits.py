@@ -1,0 +1,267 @@
+"""Train/validation/test splits for the three evaluation protocols, and negative sampling.
+
+- `ncf`: leave-one-out (latest interaction per user is test, second latest validation), each
+  held-out item ranked among 99 sampled items the user never interacted with. Also the
+  canonical ML-1M NCF files, so numbers compare with the published ones.
+- `full`: per-user 8:1:1 ratio split (random or temporal); every item is ranked.
+- `cold_items`: a seeded share of items held out entirely; they are ranked for their users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .dataset import Dataset
+from .errors import DataError, LeakageError
+
+PROTOCOLS = ("ncf", "full", "cold_items")
+
+
+@dataclass
+class Split:
+    """Interactions as (user, item) index pairs, split for one protocol.
+
+    For `ncf`, `test_negatives`/`valid_negatives` hold the sampled candidates aligned with the
+    rows of `test`/`valid` (one row per user). For `cold_items`, `cold_test_items` and
+    `cold_valid_items` are the held-out items (the candidate sets of test and validation).
+    """
+
+    protocol: str
+    n_users: int
+    n_items: int
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    seed: int | None = None
+    test_negatives: np.ndarray | None = None
+    valid_negatives: np.ndarray | None = None
+    cold_test_items: np.ndarray | None = None
+    cold_valid_items: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def warm_items(self) -> np.ndarray:
+        """Boolean mask of items that have at least one training interaction."""
+        mask = np.zeros(self.n_items, bool)
+        mask[self.train["item"].to_numpy()] = True
+        return mask
+
+    def describe(self) -> dict:
+        return {"protocol": self.protocol, "seed": self.seed, "train": len(self.train),
+                "valid": len(self.valid), "test": len(self.test), **self.info}
+
+
+def implicit_pairs(dataset: Dataset) -> pd.DataFrame:
+    """One row per (user, item): every rating counts as a positive; the latest one is kept."""
+    cols = ["user", "item"] + (["timestamp"] if dataset.has_timestamps else [])
+    frame = dataset.interactions[cols].copy()
+    frame["order"] = np.arange(len(frame))  # file order breaks timestamp ties, as NCF did
+    if not dataset.has_timestamps:
+        frame["timestamp"] = frame["order"]
+    frame = frame.sort_values(["user", "timestamp", "order"], kind="stable")
+    frame = frame.drop_duplicates(["user", "item"], keep="last")
+    return frame.reset_index(drop=True)
+
+
+def assert_no_overlap(train: pd.DataFrame, test: pd.DataFrame, what: str = "test") -> None:
+    """Refuse to evaluate when a (user, item) pair is both trained on and tested."""
+    keys_train = train["user"].to_numpy(np.int64) << 32 | train["item"].to_numpy(np.int64)
+    keys_test = test["user"].to_numpy(np.int64) << 32 | test["item"].to_numpy(np.int64)
+    shared = np.isin(keys_test, keys_train)
+    if shared.any():
+        row = test.iloc[int(np.argmax(shared))]
+        raise LeakageError(f"{int(shared.sum())} {what} interactions also appear in training "
+                           f"(e.g. user {row['user']}, item {row['item']}); refusing to evaluate")
+
+
+def positive_matrix(n_users: int, n_items: int, *frames: pd.DataFrame):
+    """A sparse user × item matrix (scipy CSR, bool) of every pair in the given frames."""
+    import scipy.sparse as sp
+
+    users = np.concatenate([f["user"].to_numpy() for f in frames])
+    items = np.concatenate([f["item"].to_numpy() for f in frames])
+    mat = sp.csr_matrix((np.ones(len(users), bool), (users, items)), shape=(n_users, n_items))
+    mat.sum_duplicates()
+    return mat
+
+
+def sample_negatives(positives, users: np.ndarray, n: int, candidates: np.ndarray,
+                     rng: np.random.Generator, chunk: int = 2048) -> np.ndarray:
+    """For each user, `n` distinct items from `candidates` that the user never interacted with.
+
+    Sampling is without replacement and vectorized: every candidate gets a random key, the
+    user's positives get +inf, and the `n` smallest keys win.
+    """
+    out = np.empty((len(users), n), np.int64)
+    for start in range(0, len(users), chunk):
+        block = users[start:start + chunk]
+        keys = rng.random((len(block), len(candidates)), dtype=np.float32)
+        known = positives[block][:, candidates].toarray()
+        if (len(candidates) - known.sum(1) < n).any():
+            raise DataError(f"a user has fewer than {n} never-seen items to sample from",
+                            field="negatives")
+        keys[known] = np.inf
+        picked = np.argpartition(keys, n - 1, axis=1)[:, :n]
+        out[start:start + len(block)] = candidates[picked]
+    return out
+
+
+def leave_one_out_split(dataset: Dataset, seed: int = 0, n_negatives: int = 99) -> Split:
+    """The NCF protocol on any dataset: latest interaction test, second latest validation."""
+    pairs = implicit_pairs(dataset)
+    from_end = pairs.groupby("user").cumcount(ascending=False).to_numpy()
+    counts = pairs.groupby("user")["item"].transform("size").to_numpy()
+    # A user needs at least one training interaction for a test one, two for validation too.
+    is_test = (from_end == 0) & (counts >= 2)
+    is_valid = (from_end == 1) & (counts >= 3)
+    cols = ["user", "item"]
+    train = pairs.loc[~is_test & ~is_valid, cols].reset_index(drop=True)
+    valid = pairs.loc[is_valid, cols].reset_index(drop=True)
+    test = pairs.loc[is_test, cols].reset_index(drop=True)
+    positives = positive_matrix(dataset.n_users, dataset.n_items, pairs)
+    candidates = np.flatnonzero(np.bincount(pairs["item"], minlength=dataset.n_items) > 0)
+    rng = np.random.default_rng(seed)
+    return Split("ncf", dataset.n_users, dataset.n_items, train, valid, test, seed=seed,
+                 test_negatives=sample_negatives(positives, test["user"].to_numpy(),
+                                                 n_negatives, candidates, rng),
+                 valid_negatives=sample_negatives(positives, valid["user"].to_numpy(),
+                                                  n_negatives, candidates, rng),
+                 info={"negatives": n_negatives, "source": "leave_one_out"})
+
+
+def ncf_reference_split(dataset: Dataset, ncf_dir: str | Path, seed: int = 0,
+                        validation: bool = True) -> Split:
+    """The canonical ML-1M NCF test files (He et al., 2017) mapped onto `dataset`'s indices.
+
+    NCF ids: user = UserID - 1, item = order of first appearance in ratings.dat. The training
+    set is every other rating; with `validation`, each user's latest remaining rating is held
+    out (with 99 fresh negatives) for early stopping. The original files contain sampled
+    negatives equal to the user's own test item; those are dropped from the candidates (the
+    positive is ranked once) and counted in `info`.
+    """
+    ncf_dir = Path(ncf_dir)
+    rating_path, negative_path = ncf_dir / "ml-1m.test.rating", ncf_dir / "ml-1m.test.negative"
+    for p in (rating_path, negative_path):
+        if not p.exists():
+            raise DataError("NCF reference file not found", path=p)
+    test_raw = pd.read_csv(rating_path, sep="\t", header=None,
+                           names=["user", "item", "rating", "timestamp"])
+    neg_raw = pd.read_csv(negative_path, sep="\t", header=None)
+    if neg_raw.shape[1] != 100 or len(neg_raw) != len(test_raw):
+        raise DataError(f"expected {len(test_raw)} lines of '(user,item)' + 99 negatives, "
+                        f"got {len(neg_raw)} lines of {neg_raw.shape[1]} fields", path=negative_path)
+
+    # Map NCF ids onto ours: users through the raw UserID, items through first appearance.
+    user_index = {uid: i for i, uid in enumerate(dataset.user_ids)}
+    first_seen = pd.unique(dataset.interactions["item"].to_numpy())
+    try:
+        users = np.array([user_index[str(u + 1)] for u in test_raw["user"]], np.int64)
+        items = first_seen[test_raw["item"].to_numpy()]
+        negs = first_seen[neg_raw.iloc[:, 1:].to_numpy(np.int64)]
+    except (KeyError, IndexError) as exc:
+        raise DataError(f"ids do not map onto dataset '{dataset.name}' ({exc})",
+                        path=rating_path) from None
+    test = pd.DataFrame({"user": users, "item": items})
+
+    pairs = implicit_pairs(dataset)
+    key = lambda f: f["user"].to_numpy(np.int64) << 32 | f["item"].to_numpy(np.int64)  # noqa: E731
+    found = np.isin(key(test), key(pairs))
+    if not found.all():
+        bad = int(np.argmin(found))
+        raise DataError(f"test pair not among the dataset's interactions; is this the ML-1M "
+                        f"ratings.dat the files were made from?", path=rating_path, line=bad + 1)
+    remaining = pairs[~np.isin(key(pairs), key(test))]
+    n_dup = int((negs == items[:, None]).sum())
+    positives = positive_matrix(dataset.n_users, dataset.n_items, pairs)
+    n_neg_known = int(np.asarray(positives[np.repeat(users, 99), negs.ravel()]).sum()) - n_dup
+    # Dropped candidates are marked -1; the evaluator gives them no rank.
+    negs = np.where(negs == items[:, None], -1, negs)
+    info = {"source": "ncf_reference_files", "negatives": 99, "train_pairs_total": len(remaining),
+            "negatives_equal_to_test_item": n_dup,
+            "negatives_equal_to_test_item_handling": "dropped from candidates",
+            "negatives_that_are_other_known_positives": n_neg_known}
+
+    valid = pd.DataFrame({"user": np.array([], np.int64), "item": np.array([], np.int64)})
+    valid_negs = np.empty((0, 99), np.int64)
+    train = remaining
+    if validation:
+        from_end = remaining.groupby("user").cumcount(ascending=False).to_numpy()
+        counts = remaining.groupby("user")["item"].transform("size").to_numpy()
+        is_valid = (from_end == 0) & (counts >= 2)
+        valid = remaining.loc[is_valid, ["user", "item"]].reset_index(drop=True)
+        train = remaining[~is_valid]
+        candidates = np.flatnonzero(np.bincount(pairs["item"], minlength=dataset.n_items) > 0)
+        valid_negs = sample_negatives(positives, valid["user"].to_numpy(), 99, candidates,
+                                      np.random.default_rng(seed))
+    return Split("ncf", dataset.n_users, dataset.n_items,
+                 train[["user", "item"]].reset_index(drop=True), valid, test, seed=seed,
+                 test_negatives=negs, valid_negatives=valid_negs, info=info)
+
+
+def ratio_split(dataset: Dataset, seed: int = 0, ratios=(0.8, 0.1, 0.1),
+                order: str = "random") -> Split:
+    """Per-user ratio split for full ranking: `random` (seeded shuffle) or `temporal`."""
+    if order not in ("random", "temporal"):
+        raise ValueError(f"order must be 'random' or 'temporal', not {order!r}")
+    if order == "temporal" and not dataset.has_timestamps:
+        raise DataError("a temporal split needs timestamps", field="timestamp")
+    pairs = implicit_pairs(dataset)
+    rng = np.random.default_rng(seed)
+    if order == "random":
+        pairs = pairs.assign(key=rng.random(len(pairs))).sort_values(["user", "key"])
+    position = pairs.groupby("user").cumcount().to_numpy()
+    count = pairs.groupby("user")["item"].transform("size").to_numpy()
+    n_test = np.floor(count * ratios[2] + 0.5).astype(int)
+    n_valid = np.floor(count * ratios[1] + 0.5).astype(int)
+    n_train = np.maximum(count - n_test - n_valid, 1)
+    n_valid = np.minimum(n_valid, count - n_train)
+    part = np.where(position < n_train, 0, np.where(position < n_train + n_valid, 1, 2))
+    cols = ["user", "item"]
+    frames = [pairs.loc[part == p, cols].reset_index(drop=True) for p in range(3)]
+    return Split("full", dataset.n_users, dataset.n_items, *frames, seed=seed,
+                 info={"ratios": list(ratios), "order": order})
+
+
+def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = 0.2,
+                    valid_fraction: float = 0.1) -> Split:
+    """Hold out a seeded `fraction` of items entirely (test) and `valid_fraction` (validation).
+
+    None of the held-out items' interactions are seen in training; each is ranked among the
+    other held-out items of its set, for every user who interacted with it.
+    """
+    pairs = implicit_pairs(dataset)
+    items = np.flatnonzero(np.bincount(pairs["item"], minlength=dataset.n_items) > 0)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(items)
+    n_test = int(round(fraction * len(items)))
+    n_valid = int(round(valid_fraction * len(items)))
+    test_items = np.sort(shuffled[:n_test])
+    valid_items = np.sort(shuffled[n_test:n_test + n_valid])
+    cols = ["user", "item"]
+    in_test = pairs["item"].isin(test_items).to_numpy()
+    in_valid = pairs["item"].isin(valid_items).to_numpy()
+    train = pairs.loc[~in_test & ~in_valid, cols].reset_index(drop=True)
+    # Only users with some training history get ranked (a cold user is another protocol).
+    known = np.zeros(dataset.n_users, bool)
+    known[train["user"].to_numpy()] = True
+    test = pairs.loc[in_test & known[pairs["user"]], cols].reset_index(drop=True)
+    valid = pairs.loc[in_valid & known[pairs["user"]], cols].reset_index(drop=True)
+    return Split("cold_items", dataset.n_users, dataset.n_items, train, valid, test, seed=seed,
+                 cold_test_items=test_items, cold_valid_items=valid_items,
+                 info={"cold_fraction": fraction, "cold_valid_fraction": valid_fraction,
+                       "cold_test_items": int(n_test), "cold_valid_items": int(n_valid)})
+
+
+def make_split(dataset: Dataset, protocol: str, seed: int = 0, **options) -> Split:
+    if protocol == "ncf":
+        if options.get("ncf_dir"):
+            return ncf_reference_split(dataset, options["ncf_dir"], seed=seed)
+        return leave_one_out_split(dataset, seed=seed)
+    if protocol == "full":
+        return ratio_split(dataset, seed=seed, order=options.get("order", "random"))
+    if protocol == "cold_items":
+        return cold_item_split(dataset, seed=seed, fraction=options.get("cold_fraction", 0.2))
+    raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")

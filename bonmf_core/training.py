@@ -1,0 +1,198 @@
+"""Training: vectorized negative sampling, BCE (NCF recipe) or BPR, early stopping, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_file
+from .evaluation import evaluate
+from .splits import Split
+
+log = logging.getLogger("bonmf.training")
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "bce"             # "bce": pointwise with sampled negatives; "bpr": pairwise
+    negatives: int = 4            # sampled negatives per positive
+    epochs: int = 30
+    batch_size: int = 4096
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 3             # epochs without validation gain before stopping
+    metric: str = "ndcg@10"       # validation metric for early stopping
+    seed: int = 0
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("bce", "bpr"):
+            raise ValueError(f"loss must be 'bce' or 'bpr', not {self.loss!r}")
+        if self.negatives < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("negatives, batch_size and epochs must be positive")
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    seconds: float
+    samples_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+class NegativeSampler:
+    """Uniform negatives among `candidates`, never one of the user's training positives.
+
+    Vectorized: draw all at once, redraw only the collisions (a few % of draws on ML-1M).
+    """
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
+                 candidates: np.ndarray, generator: torch.Generator):
+        self.n_items = n_items
+        self.keys = torch.from_numpy(np.unique(users.astype(np.int64) * n_items + items))
+        self.candidates = torch.from_numpy(candidates.astype(np.int64))
+        self.gen = generator
+
+    def is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        keys = users * self.n_items + items
+        pos = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
+        return self.keys[pos] == keys
+
+    def sample(self, users: torch.Tensor) -> torch.Tensor:
+        draw = lambda n: self.candidates[torch.randint(len(self.candidates), (n,),  # noqa: E731
+                                                       generator=self.gen)]
+        items = draw(len(users))
+        for _ in range(50):
+            bad = self.is_positive(users, items)
+            if not bad.any():
+                break
+            items[bad] = draw(int(bad.sum()))
+        return items
+
+
+def _set_seed(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+def train(model: nn.Module, split: Split, config: TrainConfig | None = None,
+          validate: bool = True) -> TrainResult:
+    """Fit `model` on `split.train`, early-stopping on `split.valid`; keeps the best weights."""
+    cfg = config or TrainConfig()
+    gen = _set_seed(cfg.seed)
+    # Denormal floats slow CPU training ~1.7× after a few epochs; flushing them changes no metric.
+    torch.set_flush_denormal(True)
+    users = split.train["user"].to_numpy()
+    items = split.train["item"].to_numpy()
+    warm = split.warm_items()
+    if hasattr(model, "warm_items"):
+        model.warm_items.copy_(torch.from_numpy(warm))
+    # Negatives come from items seen in training only: sampling held-out (cold) items as
+    # negatives would teach the model that they are bad for everyone.
+    sampler = NegativeSampler(users, items, split.n_users, split.n_items, np.flatnonzero(warm), gen)
+    u_pos, i_pos = torch.from_numpy(users).long(), torch.from_numpy(items).long()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    validate = validate and len(split.valid) > 0
+
+    best_state, best_metric, best_epoch, stale = None, -math.inf, 0, 0
+    history, samples, train_seconds = [], 0, 0.0
+    epoch = 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum, n_samples = _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen)
+        seconds = time.perf_counter() - t0
+        samples += n_samples
+        train_seconds += seconds
+        record = {"epoch": epoch, "loss": loss_sum, "train_s": round(seconds, 3),
+                  "samples_per_s": n_samples / seconds}
+        if validate:
+            model.eval()
+            record["valid"] = evaluate(model, split, "valid")
+            metric = record["valid"][cfg.metric]
+            if metric > best_metric:
+                best_metric, best_epoch, stale = metric, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+                _checkpoint(model, cfg, record)
+            else:
+                stale += 1
+        history.append(record)
+        log.info("epoch %d/%d loss %.4f%s %.2fM samples/s %.1fs", epoch, cfg.epochs, loss_sum,
+                 f" valid {cfg.metric} {record['valid'][cfg.metric]:.4f}" if validate else "",
+                 record["samples_per_s"] / 1e6, seconds)
+        if validate and stale >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = epoch
+        _checkpoint(model, cfg, history[-1] if history else {})
+    model.eval()
+    return TrainResult(best_epoch=best_epoch, best_metric=best_metric if validate else float("nan"),
+                       epochs_run=epoch, seconds=train_seconds,
+                       samples_per_s=samples / max(train_seconds, 1e-9), history=history)
+
+
+def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float, int]:
+    n_pos = len(u_pos)
+    if cfg.loss == "bce":
+        # Each positive with `negatives` sampled negatives, all shuffled together.
+        u_neg = u_pos.repeat(cfg.negatives)
+        users = torch.cat([u_pos, u_neg])
+        items = torch.cat([i_pos, sampler.sample(u_neg)])
+        labels = torch.cat([torch.ones(n_pos), torch.zeros(len(u_neg))])
+        order = torch.randperm(len(users), generator=gen)
+        users, items, labels = users[order], items[order], labels[order]
+        loss_fn = nn.BCEWithLogitsLoss()
+        total = 0.0
+        for s in range(0, len(users), cfg.batch_size):
+            sl = slice(s, s + cfg.batch_size)
+            loss = loss_fn(model(users[sl], items[sl]), labels[sl])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * (min(s + cfg.batch_size, len(users)) - s)
+        return total / len(users), len(users)
+    # BPR: one (positive, negative) pair per positive and sampled negative.
+    users = u_pos.repeat(cfg.negatives)
+    pos = i_pos.repeat(cfg.negatives)
+    neg = sampler.sample(users)
+    order = torch.randperm(len(users), generator=gen)
+    users, pos, neg = users[order], pos[order], neg[order]
+    total = 0.0
+    for s in range(0, len(users), cfg.batch_size):
+        sl = slice(s, s + cfg.batch_size)
+        u = users[sl]
+        both = model(torch.cat([u, u]), torch.cat([pos[sl], neg[sl]]))
+        diff = both[:len(u)] - both[len(u):]
+        loss = -nn.functional.logsigmoid(diff).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(u)
+    return total / len(users), 2 * len(users)
+
+
+def _checkpoint(model: nn.Module, cfg: TrainConfig, record: dict) -> None:
+    """Write the best weights so far (safetensors) and the epoch's record, atomically."""
+    if not cfg.checkpoint_dir:
+        return
+    from safetensors.torch import save_file
+
+    folder = Path(cfg.checkpoint_dir)
+    with atomic_file(folder / "best.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with atomic_file(folder / "best.json") as tmp:
+        tmp.write_text(json.dumps({"train_config": asdict(cfg), "record": record}, default=float))
