@@ -39,7 +39,11 @@ class MatrixFactorization(nn.Module):
         nn.init.zeros_(self.item_bias.weight)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return (self.user(users) * self.item(items)).sum(-1) + self.item_bias(items).squeeze(-1)
+        """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C)."""
+        u = self.user(users)
+        if items.dim() == 2:
+            u = u.unsqueeze(1)
+        return (u * self.item(items)).sum(-1) + self.item_bias(items).squeeze(-1)
 
     @torch.inference_mode()
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,10 @@ class Dataset:
         """A hash of interactions and catalog: equal data, equal hash, across runs."""
         h = hashlib.sha256()
         h.update(pd.util.hash_pandas_object(self.interactions, index=False).to_numpy().tobytes())
-        h.update(pd.util.hash_pandas_object(self.items.astype(str), index=False).to_numpy().tobytes())
+        # Image files are identified by name, not by where the folder happens to live.
+        items = self.items.assign(image_path=self.items["image_path"].map(
+            lambda p: Path(p).name if isinstance(p, str) else ""))
+        h.update(pd.util.hash_pandas_object(items.astype(str), index=False).to_numpy().tobytes())
         if self.users is not None:
             h.update(pd.util.hash_pandas_object(self.users.astype(str), index=False).to_numpy().tobytes())
         return h.hexdigest()[:16]

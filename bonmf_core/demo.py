@@ -93,7 +93,7 @@ def demo_dataset(seed: int = 0, n_users: int = 3000, n_items: int = 1000,
 
     # Items: sparse theme mixtures (mostly one or two themes) and a skewed popularity.
     item_mix = rng.dirichlet(np.full(n_themes, 0.15), size=n_items)
-    item_pop = rng.lognormal(0.0, 1.0, size=n_items)
+    item_pop = rng.lognormal(0.0, 1.4, size=n_items)
 
     # Users: theme tastes, a few strong ones each; an activity level with a long tail.
     user_taste = rng.dirichlet(np.full(n_themes, 0.3), size=n_users)

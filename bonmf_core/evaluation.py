@@ -41,17 +41,16 @@ def check_no_leakage(split: Split, which: str = "test") -> None:
 
 @torch.inference_mode()
 def evaluate_sampled(scorer: Scorer, users: np.ndarray, positives: np.ndarray,
-                     negatives: np.ndarray, ks=(10,), chunk: int = 8192) -> dict:
+                     negatives: np.ndarray, ks=(10,), chunk: int = 2048) -> dict:
     """Rank each positive among its sampled negatives (entries of -1 are dropped candidates)."""
     candidates = np.concatenate([positives[:, None], negatives], axis=1)
     valid = torch.from_numpy(candidates >= 0)
     cand = torch.from_numpy(np.where(candidates >= 0, candidates, 0))
-    u = torch.from_numpy(users).long()[:, None].expand_as(cand)
+    u = torch.tensor(users, dtype=torch.long)
     scores = torch.empty(cand.shape)
     for start in range(0, len(cand), chunk):
         sl = slice(start, start + chunk)
-        scores[sl] = scorer.score_pairs(u[sl].reshape(-1), cand[sl].reshape(-1)).float(
-        ).view(-1, cand.shape[1])
+        scores[sl] = scorer.score_pairs(u[sl], cand[sl]).float()
     out = sampled_metrics(scores, ks, valid)
     out["users"] = float(len(users))
     return out

@@ -44,7 +44,11 @@ def topk_hits(scores: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor
 
     `scores` has excluded items already set to -inf; `truth` is a bool matrix of relevant items.
     """
-    top = torch.topk(scores, k, dim=1).indices
+    # Break ties against relevant items (as the sampled metrics do): in float64, pull each
+    # relevant score down by far less than the gap between two distinct float32 values.
+    key = scores.double()
+    key = torch.where(truth, key - (key.abs() * 1e-10 + 1e-300), key)
+    top = torch.topk(key, k, dim=1).indices
     return torch.gather(truth, 1, top)
 
 

@@ -31,13 +31,13 @@ class BoNMFConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self.modalities = tuple(sorted(set(self.modalities), key=MODALITIES.index))
-        self.mlp_layers = tuple(self.mlp_layers)
-        self.user_attribute_cardinalities = tuple(self.user_attribute_cardinalities)
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, "
-                             f"got {self.modalities}")
+                             f"got {tuple(self.modalities)}")
+        self.modalities = tuple(sorted(set(self.modalities), key=MODALITIES.index))
+        self.mlp_layers = tuple(self.mlp_layers)
+        self.user_attribute_cardinalities = tuple(self.user_attribute_cardinalities)
         missing = [m for m in self.modalities if m != "id" and m not in self.feature_dims]
         if missing:
             raise ValueError(f"modalities {missing} need feature matrices (feature_dims)")
@@ -57,20 +57,26 @@ def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
 
 
 class BoNMF(nn.Module):
+    """NeuMF over fused ID + content representations.
+
+    Each user/item has one vector of width `gmf_dim + mlp_layers[0] // 2`: the first part feeds
+    the GMF branch, the rest the MLP branch (one table each side: half the embedding lookups).
+    `forward(users (B,), items (B,) or (B, C))` scores each user against its C items, so a
+    positive and its sampled negatives share one user lookup and one user-side MLP product.
+    """
+
     def __init__(self, config: BoNMFConfig, features: dict[str, torch.Tensor] | None = None,
                  user_attributes: torch.Tensor | None = None):
         super().__init__()
         self.config = c = config
-        half = c.mlp_layers[0] // 2
-        self.user_gmf = nn.Embedding(c.n_users, c.gmf_dim)
-        self.user_mlp = nn.Embedding(c.n_users, half)
-        self.user_attr = nn.ModuleList(nn.Embedding(n, c.gmf_dim + half)
+        width = c.gmf_dim + c.mlp_layers[0] // 2
+        self.user_embedding = nn.Embedding(c.n_users, width)
+        self.user_attr = nn.ModuleList(nn.Embedding(n, width)
                                        for n in c.user_attribute_cardinalities)
         if "id" in c.modalities:
-            self.item_gmf = nn.Embedding(c.n_items, c.gmf_dim)
-            self.item_mlp = nn.Embedding(c.n_items, half)
+            self.item_embedding = nn.Embedding(c.n_items, width)
         self.content = nn.ModuleDict({m: _content_projection(c.feature_dims[m], c.content_hidden,
-                                                             c.gmf_dim + half)
+                                                             width)
                                       for m in c.modalities if m != "id"})
         layers: list[nn.Module] = []
         for a, b in zip(c.mlp_layers[:-1], c.mlp_layers[1:]):
@@ -80,16 +86,16 @@ class BoNMF(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.out = nn.Linear(c.gmf_dim + c.mlp_layers[-1], 1)
 
-        # Data the model scores with but does not learn: content features, their presence
-        # masks, user attributes and which items have trained ID embeddings.
+        # Data the model scores with but does not learn: content features, user attributes and
+        # which items have trained ID embeddings. Buffers, so they travel with the weights.
         for m in self.content:
             feat = features[m].float() if features and m in features else None
-            if feat is None or feat.shape != (c.n_items, c.feature_dims[m]):
+            if feat is None or tuple(feat.shape) != (c.n_items, c.feature_dims[m]):
                 raise ValueError(f"feature matrix for '{m}' must be {c.n_items}×"
                                  f"{c.feature_dims[m]}")
             self.register_buffer(f"feat_{m}", feat)
         if c.user_attribute_cardinalities:
-            if user_attributes is None or user_attributes.shape != (
+            if user_attributes is None or tuple(user_attributes.shape) != (
                     c.n_users, len(c.user_attribute_cardinalities)):
                 raise ValueError("user_attributes must be n_users × n_attributes codes")
             self.register_buffer("user_attributes", user_attributes.long())
@@ -97,11 +103,11 @@ class BoNMF(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for emb in [self.user_gmf, self.user_mlp, *self.user_attr]:
-            nn.init.normal_(emb.weight, std=0.01)
+        embeddings = [self.user_embedding, *self.user_attr]
         if "id" in self.config.modalities:
-            nn.init.normal_(self.item_gmf.weight, std=0.01)
-            nn.init.normal_(self.item_mlp.weight, std=0.01)
+            embeddings.append(self.item_embedding)
+        for emb in embeddings:
+            nn.init.normal_(emb.weight, std=0.01)
         for mod in self.mlp:
             if isinstance(mod, nn.Linear):
                 nn.init.xavier_uniform_(mod.weight)
@@ -110,42 +116,57 @@ class BoNMF(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     # -- representations -----------------------------------------------------------------
-    def user_vectors(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gmf, mlp = self.user_gmf(users), self.user_mlp(users)
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        vec = self.user_embedding(users)
         if self.config.user_attribute_cardinalities:
             codes = self.user_attributes[users]
-            extra = sum(emb(codes[:, j]) for j, emb in enumerate(self.user_attr))
-            gmf = gmf + extra[:, :self.config.gmf_dim]
-            mlp = mlp + extra[:, self.config.gmf_dim:]
-        return gmf, mlp
+            for j, emb in enumerate(self.user_attr):
+                vec = vec + emb(codes[..., j])
+        return vec
 
-    def item_vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         c = self.config
-        gmf = mlp = None
+        vec = None
         if "id" in c.modalities:
-            # Cold items have untrained ID embeddings: score them from content alone.
-            keep = self.warm_items[items]
-            if self.training and c.id_dropout and self.content:
-                keep = keep & (torch.rand(items.shape, device=items.device) >= c.id_dropout)
-            keep = keep.unsqueeze(-1).to(self.item_gmf.weight.dtype)
-            gmf, mlp = self.item_gmf(items) * keep, self.item_mlp(items) * keep
-        for m, proj in self.content.items():
-            v = proj(getattr(self, f"feat_{m}")[items])
-            g, h = v[..., :c.gmf_dim], v[..., c.gmf_dim:]
-            gmf = g if gmf is None else gmf + g
-            mlp = h if mlp is None else mlp + h
-        return gmf, mlp
+            vec = self.item_embedding(items)
+            # Cold items have untrained ID embeddings: score them from content alone. Training
+            # only sees warm items, so the mask is needed there only for ID dropout.
+            if not self.training:
+                keep = self.warm_items[items]
+            elif c.id_dropout and self.content:
+                keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
+            else:
+                keep = None
+            if keep is not None:
+                vec = vec * keep.unsqueeze(-1).to(vec.dtype)
+        if self.content:
+            # Project each distinct item once per call: a batch repeats items many times.
+            uniq, inverse = torch.unique(items, return_inverse=True)
+            for m, proj in self.content.items():
+                v = proj(getattr(self, f"feat_{m}")[uniq])[inverse]
+                vec = v if vec is None else vec + v
+        return vec
 
-    def _fuse(self, ug, um, ig, im) -> torch.Tensor:
-        gmf = ug * ig
-        mlp = self.mlp(torch.cat(torch.broadcast_tensors(um, im), dim=-1))
-        return self.out(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
+    def _score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
+        """Scores for user vectors (..., 1 or C, W) against item vectors (..., C, W)."""
+        g = self.config.gmf_dim
+        first, rest = self.mlp[0], self.mlp[1:]
+        half = user_vec.shape[-1] - g
+        # The first MLP layer is linear over [user ⊕ item]: apply it to each side separately
+        # and add, instead of materialising the concatenation for every pair.
+        hu = nn.functional.linear(user_vec[..., g:], first.weight[:, :half], first.bias)
+        hi = nn.functional.linear(item_vec[..., g:], first.weight[:, half:])
+        h = rest(hu + hi)
+        gmf = user_vec[..., :g] * item_vec[..., :g]
+        w = self.out.weight[0]
+        return gmf @ w[:g] + h @ w[g:] + self.out.bias
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Logits for (user, item) pairs."""
-        ug, um = self.user_vectors(users)
-        ig, im = self.item_vectors(items)
-        return self._fuse(ug, um, ig, im)
+        """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C)."""
+        u = self.user_vectors(users)
+        if items.dim() == 2:
+            u = u.unsqueeze(1)
+        return self._score(u, self.item_vectors(items))
 
     # -- scoring (the evaluation Scorer interface) ---------------------------------------
     @torch.inference_mode()
@@ -154,21 +175,12 @@ class BoNMF(nn.Module):
 
     @torch.inference_mode()
     def score_users(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of every item (or `items`) for each user: item vectors computed once."""
+        """Scores of every item (or `items`) for each user; item vectors computed once."""
         items = torch.arange(self.config.n_items) if items is None else items
-        ig, im = self.item_vectors(items)
-        ug, um = self.user_vectors(users)
-        # The first MLP layer is linear over [user ⊕ item]: split it to avoid building the
-        # users × items × width concatenation.
-        first = self.mlp[0]
-        half = um.shape[1]
-        hu = um @ first.weight[:, :half].T + first.bias
-        hi = im @ first.weight[:, half:].T
-        w_gmf, w_mlp = self.out.weight[0, :self.config.gmf_dim], self.out.weight[0, self.config.gmf_dim:]
-        rest = self.mlp[1:]
+        iv = self.item_vectors(items).unsqueeze(0)
+        uv = self.user_vectors(users).unsqueeze(1)
         out = torch.empty(len(users), len(items))
-        step = max(1, 2_000_000 // max(1, len(items)))
+        step = max(1, 1_000_000 // max(1, len(items)))
         for s in range(0, len(users), step):
-            h = rest(hu[s:s + step, None, :] + hi[None, :, :])
-            out[s:s + step] = ((ug[s:s + step] * w_gmf) @ ig.T + h @ w_mlp + self.out.bias)
+            out[s:s + step] = self._score(uv[s:s + step], iv)
         return out

@@ -157,13 +157,20 @@ def ncf_reference_split(dataset: Dataset, ncf_dir: str | Path, seed: int = 0,
     # Map NCF ids onto ours: users through the raw UserID, items through first appearance.
     user_index = {uid: i for i, uid in enumerate(dataset.user_ids)}
     first_seen = pd.unique(dataset.interactions["item"].to_numpy())
-    try:
-        users = np.array([user_index[str(u + 1)] for u in test_raw["user"]], np.int64)
-        items = first_seen[test_raw["item"].to_numpy()]
-        negs = first_seen[neg_raw.iloc[:, 1:].to_numpy(np.int64)]
-    except (KeyError, IndexError) as exc:
-        raise DataError(f"ids do not map onto dataset '{dataset.name}' ({exc})",
-                        path=rating_path) from None
+    unknown_users = [n for n, u in enumerate(test_raw["user"]) if str(u + 1) not in user_index]
+    if unknown_users:
+        raise DataError(f"user {test_raw['user'][unknown_users[0]]} is not in dataset "
+                        f"'{dataset.name}'", path=rating_path, line=unknown_users[0] + 1)
+    users = np.array([user_index[str(u + 1)] for u in test_raw["user"]], np.int64)
+    items = first_seen[_checked_ids(test_raw["item"].to_numpy(), len(first_seen), rating_path)]
+    negs = first_seen[_checked_ids(neg_raw.iloc[:, 1:].to_numpy(np.int64), len(first_seen),
+                                   negative_path)]
+    labels = neg_raw.iloc[:, 0].astype(str).str.strip()
+    expected = "(" + test_raw["user"].astype(str) + "," + test_raw["item"].astype(str) + ")"
+    if (labels != expected).any():
+        bad = int(np.argmax((labels != expected).to_numpy()))
+        raise DataError(f"label {labels[bad]} does not match the rating file's {expected[bad]}",
+                        path=negative_path, line=bad + 1)
     test = pd.DataFrame({"user": users, "item": items})
 
     pairs = implicit_pairs(dataset)
@@ -199,6 +206,15 @@ def ncf_reference_split(dataset: Dataset, ncf_dir: str | Path, seed: int = 0,
     return Split("ncf", dataset.n_users, dataset.n_items,
                  train[["user", "item"]].reset_index(drop=True), valid, test, seed=seed,
                  test_negatives=negs, valid_negatives=valid_negs, info=info)
+
+
+def _checked_ids(ids: np.ndarray, n: int, path: Path) -> np.ndarray:
+    """NCF item ids must index the dataset's items (no negative wrap-around)."""
+    bad = (ids < 0) | (ids >= n)
+    if bad.any():
+        line = int(np.argmax(bad.reshape(len(ids), -1).any(1))) + 1
+        raise DataError(f"item id {ids[bad][0]} outside 0..{n - 1}", path=path, line=line)
+    return ids
 
 
 def ratio_split(dataset: Dataset, seed: int = 0, ratios=(0.8, 0.1, 0.1),

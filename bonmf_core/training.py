@@ -54,31 +54,45 @@ class TrainResult:
 class NegativeSampler:
     """Uniform negatives among `candidates`, never one of the user's training positives.
 
-    Vectorized: draw all at once, redraw only the collisions (a few % of draws on ML-1M).
+    Vectorized: draw all at once, then redraw only the collisions until none is left.
+    Positives are looked up in a dense bitmap when users × items is small enough (ML-1M:
+    22 MB), else by binary search over sorted pair keys.
     """
+
+    DENSE_LIMIT = 200_000_000
 
     def __init__(self, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
                  candidates: np.ndarray, generator: torch.Generator):
         self.n_items = n_items
-        self.keys = torch.from_numpy(np.unique(users.astype(np.int64) * n_items + items))
+        keys = torch.from_numpy(np.unique(users.astype(np.int64) * n_items + items))
+        if n_users * n_items <= self.DENSE_LIMIT:
+            self.dense = torch.zeros(n_users * n_items, dtype=torch.bool)
+            self.dense[keys] = True
+        else:
+            self.dense, self.keys = None, keys
         self.candidates = torch.from_numpy(candidates.astype(np.int64))
         self.gen = generator
 
     def is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         keys = users * self.n_items + items
+        if self.dense is not None:
+            return self.dense[keys]
         pos = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
         return self.keys[pos] == keys
 
+    def _draw(self, n: int) -> torch.Tensor:
+        return self.candidates[torch.randint(len(self.candidates), (n,), generator=self.gen)]
+
     def sample(self, users: torch.Tensor) -> torch.Tensor:
-        draw = lambda n: self.candidates[torch.randint(len(self.candidates), (n,),  # noqa: E731
-                                                       generator=self.gen)]
-        items = draw(len(users))
-        for _ in range(50):
-            bad = self.is_positive(users, items)
-            if not bad.any():
-                break
-            items[bad] = draw(int(bad.sum()))
-        return items
+        items = self._draw(len(users))
+        todo = torch.nonzero(self.is_positive(users, items)).squeeze(1)
+        for _ in range(1000):
+            if len(todo) == 0:
+                return items
+            items[todo] = self._draw(len(todo))
+            todo = todo[self.is_positive(users[todo], items[todo])]
+        raise ValueError("could not sample negatives: some user interacted with (almost) "
+                         "every candidate item")
 
 
 def _set_seed(seed: int) -> torch.Generator:
@@ -102,8 +116,9 @@ def train(model: nn.Module, split: Split, config: TrainConfig | None = None,
     # Negatives come from items seen in training only: sampling held-out (cold) items as
     # negatives would teach the model that they are bad for everyone.
     sampler = NegativeSampler(users, items, split.n_users, split.n_items, np.flatnonzero(warm), gen)
-    u_pos, i_pos = torch.from_numpy(users).long(), torch.from_numpy(items).long()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    u_pos, i_pos = torch.tensor(users, dtype=torch.long), torch.tensor(items, dtype=torch.long)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=True)
     validate = validate and len(split.valid) > 0
 
     best_state, best_metric, best_epoch, stale = None, -math.inf, 0, 0
@@ -146,43 +161,33 @@ def train(model: nn.Module, split: Split, config: TrainConfig | None = None,
 
 
 def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float, int]:
-    n_pos = len(u_pos)
-    if cfg.loss == "bce":
-        # Each positive with `negatives` sampled negatives, all shuffled together.
-        u_neg = u_pos.repeat(cfg.negatives)
-        users = torch.cat([u_pos, u_neg])
-        items = torch.cat([i_pos, sampler.sample(u_neg)])
-        labels = torch.cat([torch.ones(n_pos), torch.zeros(len(u_neg))])
-        order = torch.randperm(len(users), generator=gen)
-        users, items, labels = users[order], items[order], labels[order]
-        loss_fn = nn.BCEWithLogitsLoss()
-        total = 0.0
-        for s in range(0, len(users), cfg.batch_size):
-            sl = slice(s, s + cfg.batch_size)
-            loss = loss_fn(model(users[sl], items[sl]), labels[sl])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * (min(s + cfg.batch_size, len(users)) - s)
-        return total / len(users), len(users)
-    # BPR: one (positive, negative) pair per positive and sampled negative.
-    users = u_pos.repeat(cfg.negatives)
-    pos = i_pos.repeat(cfg.negatives)
-    neg = sampler.sample(users)
-    order = torch.randperm(len(users), generator=gen)
-    users, pos, neg = users[order], pos[order], neg[order]
+    """One pass over the positives, each with `negatives` fresh negatives.
+
+    A positive and its negatives form one row of a (groups × 1+negatives) item matrix scored
+    against one user lookup. BCE labels column 0 as 1 and the rest 0 (the NCF recipe); BPR
+    pushes column 0 above each negative.
+    """
+    order = torch.randperm(len(u_pos), generator=gen)
+    users = u_pos[order]
+    negatives = sampler.sample(users.repeat_interleave(cfg.negatives)).view(-1, cfg.negatives)
+    items = torch.cat([i_pos[order, None], negatives], dim=1)
+    width = items.shape[1]
+    labels = torch.zeros(1, width)
+    labels[0, 0] = 1.0
+    groups = max(1, cfg.batch_size // width)
     total = 0.0
-    for s in range(0, len(users), cfg.batch_size):
-        sl = slice(s, s + cfg.batch_size)
-        u = users[sl]
-        both = model(torch.cat([u, u]), torch.cat([pos[sl], neg[sl]]))
-        diff = both[:len(u)] - both[len(u):]
-        loss = -nn.functional.logsigmoid(diff).mean()
+    for s in range(0, len(users), groups):
+        logits = model(users[s:s + groups], items[s:s + groups])
+        if cfg.loss == "bce":
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                logits, labels.expand_as(logits))
+        else:
+            loss = -nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(u)
-    return total / len(users), 2 * len(users)
+        total += loss.item() * len(logits)
+    return total / len(users), len(users) * width
 
 
 def _checkpoint(model: nn.Module, cfg: TrainConfig, record: dict) -> None:

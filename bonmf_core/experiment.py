@@ -1,0 +1,163 @@
+"""Run a protocol end to end: split per seed, fit each variant, evaluate, aggregate.
+
+Variants: `pop` (popularity), `bpr` (BPR-MF), and BoNMF with its item-side modalities —
+`id` (= NeuMF), `text`, `image`, `text+image` (ID embedding plus the named content).
+Every variant of a seed sees the same split, so differences are the models', not the data's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .baselines import MatrixFactorization, Popularity
+from .dataset import Dataset
+from .evaluation import evaluate
+from .features import basic_content_features
+from .metrics import mean_std
+from .model import BoNMF, BoNMFConfig
+from .splits import Split, make_split
+from .training import TrainConfig, train
+
+log = logging.getLogger("bonmf.experiment")
+
+VARIANTS = ("pop", "bpr", "id", "text", "image", "text+image")
+
+
+def parse_variants(spec: str | list[str]) -> list[str]:
+    names = [v.strip() for v in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def modalities_of(variant: str) -> tuple[str, ...]:
+    """BoNMF's item modalities for a variant: the ID embedding plus the named content."""
+    return ("id",) + tuple(m for m in variant.split("+") if m != "id")
+
+
+def build_bonmf(dataset: Dataset, modalities, model_params: dict,
+                features: dict[str, np.ndarray]) -> BoNMF:
+    attrs = dataset.user_attribute_codes() if model_params.get("user_attributes") else None
+    config = BoNMFConfig(
+        n_users=dataset.n_users, n_items=dataset.n_items, modalities=tuple(modalities),
+        gmf_dim=model_params["gmf_dim"], mlp_layers=tuple(model_params["mlp_layers"]),
+        content_hidden=model_params["content_hidden"],
+        feature_dims={m: int(features[m].shape[1]) for m in modalities if m != "id"},
+        user_attribute_cardinalities=tuple(int(c) for c in attrs.max(0) + 1) if attrs is not None else (),
+        id_dropout=model_params["id_dropout"], dropout=model_params["dropout"])
+    return BoNMF(config, features={m: torch.from_numpy(f) for m, f in features.items()
+                                   if m in modalities},
+                 user_attributes=torch.from_numpy(attrs) if attrs is not None else None)
+
+
+def fit_variant(variant: str, dataset: Dataset, split: Split, params: dict, seed: int,
+                features: dict[str, np.ndarray]):
+    """Fit one variant on `split.train` → (scorer, TrainResult or None)."""
+    if variant == "pop":
+        return Popularity(dataset.n_items).fit(split.train), None
+    torch.manual_seed(seed)
+    if variant == "bpr":
+        p = params["bpr"]
+        model = MatrixFactorization(dataset.n_users, dataset.n_items, p["dim"])
+        cfg = TrainConfig(loss="bpr", negatives=p["negatives"], epochs=p["epochs"],
+                          batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
+                          patience=p["patience"], metric=params["train"]["metric"], seed=seed)
+    else:
+        model = build_bonmf(dataset, modalities_of(variant), params["model"], features)
+        cfg = TrainConfig(**{**params["train"], "seed": seed})
+    return model, train(model, split, cfg)
+
+
+def run_protocol(dataset: Dataset, params: dict, variants, seeds=None,
+                 keep_models: bool = False) -> dict:
+    """Evaluate `variants` on `dataset` under `params['protocol']`, mean ± std over seeds."""
+    proto = params["protocol"]
+    seeds = list(proto["seeds"] if seeds is None else seeds)
+    ks = tuple(proto["ks"])
+    variants = parse_variants(variants)
+    started = time.perf_counter()
+    wanted = sorted({m for v in variants if v not in ("pop", "bpr") for m in modalities_of(v)})
+    features, feature_report = basic_content_features(dataset, [m for m in wanted if m != "id"])
+
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    split_info, models = [], {}
+    for seed in seeds:
+        split = make_split(dataset, proto["name"], seed=seed, ncf_dir=proto.get("ncf_dir"),
+                           order=proto.get("order", "random"),
+                           cold_fraction=proto.get("cold_fraction", 0.2))
+        split_info.append(split.describe())
+        for variant in variants:
+            t0 = time.perf_counter()
+            scorer, result = fit_variant(variant, dataset, split, params, seed, features)
+            fit_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = evaluate(scorer, split, "test", ks)
+            metrics.update(fit_s=fit_s, eval_s=time.perf_counter() - t0)
+            if result is not None:
+                metrics.update(best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                               samples_per_s=result.samples_per_s)
+            runs[variant].append(metrics)
+            log.info("seed %d %-10s %s", seed, variant, _brief(metrics, ks))
+            if keep_models:
+                models[(variant, seed)] = (scorer, result, split)
+    out = {
+        "protocol": {"name": proto["name"], "ks": list(ks), "seeds": seeds,
+                     "splits": split_info,
+                     **{k: proto[k] for k in ("ncf_dir", "order", "cold_fraction") if k in proto}},
+        "dataset": {"name": dataset.name, "content_hash": dataset.content_hash(),
+                    **{k: v for k, v in dataset.summary().items() if k in (
+                        "users", "items", "interactions")}},
+        "features": feature_report,
+        "params": {k: params[k] for k in ("model", "train", "bpr")},
+        "results": {v: mean_std(r) for v, r in runs.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    if keep_models:
+        out["_models"] = models
+    return out
+
+
+def _brief(metrics: dict, ks) -> str:
+    return " ".join(f"{name}@{k} {metrics[f'{name}@{k}']:.4f}" for k in ks
+                    for name in ("hr", "ndcg", "recall") if f"{name}@{k}" in metrics)
+
+
+def format_table(results: dict) -> str:
+    """A markdown table of mean ± std per variant and metric."""
+    ks = results["protocol"]["ks"]
+    names = [n for n in ("hr", "ndcg", "recall")
+             if any(f"{n}@{ks[0]}" in r for r in results["results"].values())]
+    cols = [f"{n}@{k}" for k in ks for n in names]
+    seeds = results["protocol"]["seeds"]
+    lines = [f"protocol={results['protocol']['name']} dataset={results['dataset']['name']} "
+             f"seeds={','.join(map(str, seeds))}",
+             "| variant | " + " | ".join(cols) + " | fit s |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for variant, r in results["results"].items():
+        cells = [f"{r[c]['mean']:.4f} ± {r[c]['std']:.4f}" for c in cols]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {r['fit_s']['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def load_dataset(source: str | Path, demo_seed: int = 0) -> Dataset:
+    """`demo`, a MovieLens-1M directory (ratings.dat), or a saved dataset (dataset.json)."""
+    from .demo import demo_dataset
+    from .errors import DataError
+    from .readers import read_movielens
+
+    if str(source) == "demo":
+        return demo_dataset(seed=demo_seed)
+    path = Path(source)
+    if (path / "dataset.json").exists():
+        return Dataset.load(path)
+    if (path / "ratings.dat").exists():
+        return read_movielens(path)
+    raise DataError("not a dataset: expected 'demo', a MovieLens-1M directory (ratings.dat) "
+                    "or a saved dataset (dataset.json)", path=path)
+

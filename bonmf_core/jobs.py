@@ -1,0 +1,47 @@
+"""The main job, shared by the CLI and later by orchestration: data → train → evaluate → save."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .artifacts import save_model
+from .atomic import atomic_file
+from .experiment import format_table, load_dataset, run_protocol
+from .model import BoNMF
+
+
+def train_and_evaluate(params: dict, variants: str | list[str], out: str | Path) -> dict:
+    """Run the configured protocol over `variants`; save metrics and the best BoNMF model.
+
+    Writes `out/metrics.json`, `out/metrics.md` and `out/model/` (the best BoNMF variant by
+    the primary metric, first seed). Each file is written atomically; on failure nothing in
+    `out` is replaced.
+    """
+    out = Path(out)
+    dataset = load_dataset(params["data"]["source"], params["data"]["demo_seed"])
+    results = run_protocol(dataset, params, variants, keep_models=True)
+    models = results.pop("_models")
+
+    primary = params["train"]["metric"]
+    bonmf_variants = [v for v in results["results"] if v not in ("pop", "bpr")]
+    summary = {"table": format_table(results), "best_variant": None, "model_path": None}
+    if bonmf_variants:
+        best = max(bonmf_variants, key=lambda v: results["results"][v][primary]["mean"])
+        seed = results["protocol"]["seeds"][0]
+        model, train_result, split = models[(best, seed)]
+        assert isinstance(model, BoNMF)
+        save_model(out / "model", model, user_ids=dataset.user_ids, item_ids=dataset.item_ids,
+                   metadata={"variant": best, "seed": seed, "train": params["train"],
+                             "dataset": results["dataset"], "protocol": results["protocol"],
+                             "metrics": {k: v["values"][0] for k, v in
+                                         results["results"][best].items()},
+                             "best_epoch": train_result.best_epoch})
+        summary.update(best_variant=best, model_path=str(out / "model"))
+    with atomic_file(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=float))
+    with atomic_file(out / "metrics.md") as tmp:
+        tmp.write_text(summary["table"] + "\n")
+    summary["metrics_path"] = str(out / "metrics.json")
+    summary["results"] = results
+    return summary

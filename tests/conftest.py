@@ -1,0 +1,31 @@
+"""Shared fixtures: a small demo dataset (the test fixture the library itself ships)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_state(tmp_path_factory):
+    """Generated state goes to a temp folder, never into the checkout."""
+    os.environ["BONMF_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    from bonmf_core.demo import demo_dataset
+
+    return demo_dataset(seed=0, n_users=600, n_items=250,
+                        image_dir=tmp_path_factory.mktemp("demo-images"))
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (team-provided data; absent on a fresh machine)")
+    return path

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from bonmf_core.model import BoNMF, BoNMFConfig
+
+
+def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0):
+    torch.manual_seed(seed)
+    feats = {"text": torch.randn(n_items, 12), "image": torch.randn(n_items, 7)}
+    cfg = BoNMFConfig(n_users, n_items, modalities=modalities, gmf_dim=8, mlp_layers=(16, 8, 4),
+                      content_hidden=16,
+                      feature_dims={m: feats[m].shape[1] for m in modalities if m != "id"},
+                      user_attribute_cardinalities=(3, 2) if attrs else ())
+    user_attrs = torch.stack([torch.arange(n_users) % 3, torch.arange(n_users) % 2], 1)
+    model = BoNMF(cfg, features={m: feats[m] for m in modalities if m != "id"},
+                  user_attributes=user_attrs if attrs else None)
+    # Non-trivial weights everywhere, so the checks below are not comparing zeros.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("modalities,attrs", [(("id",), False), (("id", "text"), True),
+                                              (("text", "image"), False),
+                                              (("id", "text", "image"), True)])
+def test_full_catalog_scoring_equals_pairwise_forward(modalities, attrs):
+    """score_users splits the first MLP layer for speed; it must give the forward's numbers."""
+    model = _model(modalities, attrs)
+    users = torch.arange(30)
+    full = model.score_users(users)
+    pairs = model(users.repeat_interleave(20), torch.arange(20).repeat(30)).view(30, 20)
+    grouped = model(users, torch.arange(20).expand(30, 20))
+    torch.testing.assert_close(full, pairs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, pairs, rtol=1e-5, atol=1e-5)
+
+
+def test_cold_items_are_scored_from_content_alone():
+    model = _model(("id", "text"))
+    model.warm_items[5] = False
+    before = model.score_users(torch.arange(30))
+    with torch.no_grad():
+        model.item_embedding.weight[5] += 100.0  # an untrained ID row must not matter
+        model.item_embedding.weight[6] += 1.0    # a warm item's row does
+    after = model.score_users(torch.arange(30))
+    torch.testing.assert_close(before[:, 5], after[:, 5])
+    assert not torch.allclose(before[:, 6], after[:, 6])
+
+
+def test_id_dropout_only_while_training():
+    model = _model(("id", "text"))
+    model.config.id_dropout = 0.5
+    users, items = torch.zeros(200, dtype=torch.long), torch.full((200,), 3)
+    model.train()
+    torch.manual_seed(1)
+    train_scores = model(users, items)
+    assert train_scores.unique().numel() == 2  # with and without the ID embedding
+    model.eval()
+    assert model(users, items).unique().numel() == 1
+
+
+def test_user_attributes_change_user_vectors():
+    model = _model(("id",), attrs=True)
+    with torch.no_grad():
+        before = model.user_vectors(torch.tensor([4])).clone()
+        model.user_attr[0].weight[4 % 3] += 1.0
+    assert not torch.allclose(before, model.user_vectors(torch.tensor([4])))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(modalities=("id", "audio")), "modalities"),
+    (dict(modalities=("id", "text")), "feature matrices"),
+    (dict(modalities=()), "modalities"),
+    (dict(mlp_layers=(15, 8)), "even"),
+])
+def test_bad_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BoNMFConfig(10, 10, **kwargs)
+
+
+def test_feature_matrix_must_align_with_items():
+    cfg = BoNMFConfig(5, 10, modalities=("id", "text"), feature_dims={"text": 4})
+    with pytest.raises(ValueError, match="10×4"):
+        BoNMF(cfg, features={"text": torch.zeros(9, 4)})
+
+
+def test_modalities_are_normalised_to_one_order():
+    a = BoNMFConfig(5, 10, modalities=("image", "id", "text"), feature_dims={"text": 1, "image": 1})
+    assert a.modalities == ("id", "text", "image")
+    assert BoNMFConfig.from_dict(a.to_dict()) == a
+    assert np.all(np.array(a.mlp_layers) > 0)
