@@ -38,12 +38,15 @@ class MatrixFactorization(nn.Module):
         nn.init.normal_(self.item.weight, std=0.01)
         nn.init.zeros_(self.item_bias.weight)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, users: torch.Tensor, items: torch.Tensor, return_norms: bool = False):
         """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C)."""
-        u = self.user(users)
+        u, i = self.user(users), self.item(items)
         if items.dim() == 2:
             u = u.unsqueeze(1)
-        return (u * self.item(items)).sum(-1) + self.item_bias(items).squeeze(-1)
+        logits = (u * i).sum(-1) + self.item_bias(items).squeeze(-1)
+        if return_norms:
+            return logits, u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean()
+        return logits
 
     @torch.inference_mode()
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ class BoNMFConfig:
     user_attribute_cardinalities: tuple[int, ...] = ()
     id_dropout: float = 0.0
     dropout: float = 0.0
+    branches: tuple[str, ...] = ("gmf", "mlp")  # one branch alone = NeuMF pre-training
+
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -38,6 +40,9 @@ class BoNMFConfig:
         self.modalities = tuple(sorted(set(self.modalities), key=MODALITIES.index))
         self.mlp_layers = tuple(self.mlp_layers)
         self.user_attribute_cardinalities = tuple(self.user_attribute_cardinalities)
+        self.branches = tuple(b for b in ("gmf", "mlp") if b in self.branches)
+        if not self.branches:
+            raise ValueError("branches must include 'gmf', 'mlp' or both")
         missing = [m for m in self.modalities if m != "id" and m not in self.feature_dims]
         if missing:
             raise ValueError(f"modalities {missing} need feature matrices (feature_dims)")
@@ -75,9 +80,13 @@ class BoNMF(nn.Module):
                                        for n in c.user_attribute_cardinalities)
         if "id" in c.modalities:
             self.item_embedding = nn.Embedding(c.n_items, width)
-        self.content = nn.ModuleDict({m: _content_projection(c.feature_dims[m], c.content_hidden,
-                                                             width)
-                                      for m in c.modalities if m != "id"})
+        # One content projection per branch, so that each branch can be pre-trained alone and
+        # the two merged without sharing a layer.
+        content = [m for m in c.modalities if m != "id"]
+        self.content_gmf = nn.ModuleDict({m: _content_projection(
+            c.feature_dims[m], c.content_hidden, c.gmf_dim) for m in content})
+        self.content_mlp = nn.ModuleDict({m: _content_projection(
+            c.feature_dims[m], c.content_hidden, c.mlp_layers[0] // 2) for m in content})
         layers: list[nn.Module] = []
         for a, b in zip(c.mlp_layers[:-1], c.mlp_layers[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -88,7 +97,7 @@ class BoNMF(nn.Module):
 
         # Data the model scores with but does not learn: content features, user attributes and
         # which items have trained ID embeddings. Buffers, so they travel with the weights.
-        for m in self.content:
+        for m in content:
             feat = features[m].float() if features and m in features else None
             if feat is None or tuple(feat.shape) != (c.n_items, c.feature_dims[m]):
                 raise ValueError(f"feature matrix for '{m}' must be {c.n_items}×"
@@ -133,40 +142,52 @@ class BoNMF(nn.Module):
             # only sees warm items, so the mask is needed there only for ID dropout.
             if not self.training:
                 keep = self.warm_items[items]
-            elif c.id_dropout and self.content:
+            elif c.id_dropout and self.content_gmf:
                 keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
             else:
                 keep = None
             if keep is not None:
                 vec = vec * keep.unsqueeze(-1).to(vec.dtype)
-        if self.content:
+        if self.content_gmf:
             # Project each distinct item once per call: a batch repeats items many times.
             uniq, inverse = torch.unique(items, return_inverse=True)
-            for m, proj in self.content.items():
-                v = proj(getattr(self, f"feat_{m}")[uniq])[inverse]
+            for m in self.content_gmf:
+                feat = getattr(self, f"feat_{m}")[uniq]
+                v = torch.cat([self.content_gmf[m](feat), self.content_mlp[m](feat)], -1)[inverse]
                 vec = v if vec is None else vec + v
         return vec
 
     def _score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
         """Scores for user vectors (..., 1 or C, W) against item vectors (..., C, W)."""
         g = self.config.gmf_dim
-        first, rest = self.mlp[0], self.mlp[1:]
-        half = user_vec.shape[-1] - g
-        # The first MLP layer is linear over [user ⊕ item]: apply it to each side separately
-        # and add, instead of materialising the concatenation for every pair.
-        hu = nn.functional.linear(user_vec[..., g:], first.weight[:, :half], first.bias)
-        hi = nn.functional.linear(item_vec[..., g:], first.weight[:, half:])
-        h = rest(hu + hi)
-        gmf = user_vec[..., :g] * item_vec[..., :g]
         w = self.out.weight[0]
-        return gmf @ w[:g] + h @ w[g:] + self.out.bias
+        score = self.out.bias
+        if "gmf" in self.config.branches:
+            score = score + (user_vec[..., :g] * item_vec[..., :g]) @ w[:g]
+        if "mlp" in self.config.branches:
+            first, rest = self.mlp[0], self.mlp[1:]
+            half = user_vec.shape[-1] - g
+            # The first MLP layer is linear over [user ⊕ item]: apply it to each side
+            # separately and add, instead of materialising the concatenation for every pair.
+            hu = nn.functional.linear(user_vec[..., g:], first.weight[:, :half], first.bias)
+            hi = nn.functional.linear(item_vec[..., g:], first.weight[:, half:])
+            score = score + rest(hu + hi) @ w[g:]
+        return score
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C)."""
+    def forward(self, users: torch.Tensor, items: torch.Tensor, return_norms: bool = False):
+        """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C).
+
+        With `return_norms`, also the mean squared norm of the user and item vectors used
+        (per-example L2 regularization, as in tuned MF/NCF training).
+        """
         u = self.user_vectors(users)
+        i = self.item_vectors(items)
         if items.dim() == 2:
             u = u.unsqueeze(1)
-        return self._score(u, self.item_vectors(items))
+        logits = self._score(u, i)
+        if return_norms:
+            return logits, u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean()
+        return logits
 
     # -- scoring (the evaluation Scorer interface) ---------------------------------------
     @torch.inference_mode()
@@ -184,3 +205,25 @@ class BoNMF(nn.Module):
         for s in range(0, len(users), step):
             out[s:s + step] = self._score(uv[s:s + step], iv)
         return out
+
+
+def merge_pretrained(gmf: BoNMF, mlp: BoNMF, alpha: float = 0.5) -> BoNMF:
+    """NeuMF pre-training (He et al., 2017): a two-branch model from a GMF-only and an MLP-only
+    model of the same config. GMF columns and GMF content heads come from `gmf`, the rest from
+    `mlp`; the output layer is `alpha`·GMF's ⊕ (1-alpha)·MLP's.
+    """
+    config = BoNMFConfig.from_dict({**mlp.config.to_dict(), "branches": ("gmf", "mlp")})
+    features = {m: getattr(mlp, f"feat_{m}") for m in mlp.content_gmf}
+    merged = BoNMF(config, features, getattr(mlp, "user_attributes", None))
+    g = config.gmf_dim
+    state, gstate = mlp.state_dict(), gmf.state_dict()
+    for key, value in gstate.items():
+        if key.startswith("content_gmf."):
+            state[key] = value
+        elif key.endswith("embedding.weight") or key.startswith("user_attr."):
+            state[key] = torch.cat([value[:, :g], state[key][:, g:]], dim=1)
+    state["out.weight"] = torch.cat([alpha * gstate["out.weight"][:, :g],
+                                     (1 - alpha) * state["out.weight"][:, g:]], dim=1)
+    state["out.bias"] = alpha * gstate["out.bias"] + (1 - alpha) * state["out.bias"]
+    merged.load_state_dict(state)
+    return merged

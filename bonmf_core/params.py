@@ -38,8 +38,11 @@ DEFAULT_PARAMS: dict = {
         "batch_size": 8192,
         "lr": 0.002,
         "weight_decay": 0.0,
+        "embedding_reg": 0.0,      # L2 on each batch's user/item vectors
         "patience": 3,
         "metric": "ndcg@10",
+        "pretrain": False,         # NeuMF recipe: GMF and MLP trained alone, merged, fine-tuned
+        "finetune_lr": 0.0005,     # Adam lr of the fine-tuning stage after pre-training
     },
     "bpr": {
         "dim": 64,
@@ -48,6 +51,7 @@ DEFAULT_PARAMS: dict = {
         "batch_size": 8192,
         "lr": 0.005,
         "weight_decay": 0.0,
+        "embedding_reg": 0.0,
         "patience": 3,
     },
 }

@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 4096
     lr: float = 2e-3
     weight_decay: float = 0.0
+    embedding_reg: float = 0.0    # L2 on the vectors of each batch (not on whole tables)
     patience: int = 3             # epochs without validation gain before stopping
     metric: str = "ndcg@10"       # validation metric for early stopping
     seed: int = 0
@@ -49,6 +50,7 @@ class TrainResult:
     seconds: float
     samples_per_s: float
     history: list[dict] = field(default_factory=list)
+    pretraining: dict | None = None
 
 
 class NegativeSampler:
@@ -177,12 +179,14 @@ def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float
     groups = max(1, cfg.batch_size // width)
     total = 0.0
     for s in range(0, len(users), groups):
-        logits = model(users[s:s + groups], items[s:s + groups])
+        logits, norms = model(users[s:s + groups], items[s:s + groups], return_norms=True)
         if cfg.loss == "bce":
             loss = nn.functional.binary_cross_entropy_with_logits(
                 logits, labels.expand_as(logits))
         else:
             loss = -nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
+        if cfg.embedding_reg:
+            loss = loss + cfg.embedding_reg * norms
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

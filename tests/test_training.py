@@ -57,7 +57,7 @@ def test_bpr_mf_learns(small_demo, loo):
 def test_same_seed_same_run(small_demo, loo):
     runs = []
     for _ in range(2):
-        model, result = fit_variant("id", small_demo, loo, _params(epochs=2), 7, {})
+        model, result = fit_variant("id", small_demo, loo, _params(epochs=1), 7, {})
         runs.append(([h["loss"] for h in result.history], evaluate(model, loo)))
     assert runs[0] == runs[1]
 
@@ -107,7 +107,7 @@ def test_cold_items_recommended_through_content(small_demo):
 
 
 def test_run_protocol_reports_protocol_seeds_and_spread(small_demo):
-    params = _params(epochs=2)
+    params = _params(epochs=3, lr=0.01)
     params["protocol"]["seeds"] = [0, 1]
     out = run_protocol(small_demo, params, "pop,id")
     assert out["protocol"]["name"] == "ncf" and out["protocol"]["seeds"] == [0, 1]
