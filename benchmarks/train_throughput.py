@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     modalities = modalities_of(variant)
     features, _ = basic_content_features(dataset, [m for m in modalities if m != "id"])
     model = build_bonmf(dataset, modalities, params["model"], features)
-    train_params = {k: v for k, v in params["train"].items() if k not in ("pretrain", "finetune_lr")}
+    train_params = {k: v for k, v in params["train"].items() if k != "refit"}
     cfg = TrainConfig(**{**train_params, "epochs": args.epochs})
     started = time.perf_counter()
     result = train(model, split, cfg, validate=False)

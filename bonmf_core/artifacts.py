@@ -2,6 +2,7 @@
 
 Layout of an artifact directory (written atomically):
     model.safetensors   every parameter and buffer (content features, warm-item mask, ...)
+    tensors.safetensors optional extra arrays (e.g. users' seen items)
     config.json         format version, model config, training config, seed, dataset, metrics
     id_maps.json        raw user and item ids in index order
 """
@@ -21,9 +22,13 @@ from .model import BoNMF, BoNMFConfig
 ARTIFACT_VERSION = 1
 
 
-def save_model(path: str | Path, model: BoNMF, *, user_ids, item_ids, metadata: dict | None = None
-               ) -> Path:
-    """Write `model` with its id maps and free-form JSON `metadata` to directory `path`."""
+def save_model(path: str | Path, model: BoNMF, *, user_ids, item_ids, metadata: dict | None = None,
+               tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` with its id maps and free-form JSON `metadata` to directory `path`.
+
+    `tensors`: extra arrays that travel with the model (e.g. users' seen items), stored in
+    `tensors.safetensors` and read back with `load_tensors`.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -34,6 +39,9 @@ def save_model(path: str | Path, model: BoNMF, *, user_ids, item_ids, metadata: 
     with atomic_dir(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        if tensors:
+            save_file({k: v.contiguous() for k, v in tensors.items()},
+                      str(tmp / "tensors.safetensors"))
         config = {"format_version": ARTIFACT_VERSION, "model": model.config.to_dict(),
                   **(metadata or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
@@ -82,6 +90,14 @@ def load_model(path: str | Path, expected: dict | None = None) -> tuple[BoNMF, d
         raise ConfigMismatchError(f"{path / 'id_maps.json'}: id maps do not fit the model config")
     model.eval()
     return model, meta, id_maps
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The extra tensors saved with a model ({} when there are none)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / "tensors.safetensors"
+    return load_file(str(file)) if file.exists() else {}
 
 
 def file_sha256(path: str | Path) -> str:

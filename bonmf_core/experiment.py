@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,9 @@ from .dataset import Dataset
 from .evaluation import evaluate
 from .features import basic_content_features
 from .metrics import mean_std
-from .model import BoNMF, BoNMFConfig, merge_pretrained
+from .model import BoNMF, BoNMFConfig
 from .splits import Split, make_split
-from .training import TrainConfig, train
+from .training import TrainConfig, train_with_refit
 
 log = logging.getLogger("bonmf.experiment")
 
@@ -43,7 +42,7 @@ def modalities_of(variant: str) -> tuple[str, ...]:
 
 
 def build_bonmf(dataset: Dataset, modalities, model_params: dict,
-                features: dict[str, np.ndarray], branches=("gmf", "mlp")) -> BoNMF:
+                features: dict[str, np.ndarray]) -> BoNMF:
     attrs = dataset.user_attribute_codes() if model_params.get("user_attributes") else None
     config = BoNMFConfig(
         n_users=dataset.n_users, n_items=dataset.n_items, modalities=tuple(modalities),
@@ -51,8 +50,7 @@ def build_bonmf(dataset: Dataset, modalities, model_params: dict,
         content_hidden=model_params["content_hidden"],
         feature_dims={m: int(features[m].shape[1]) for m in modalities if m != "id"},
         user_attribute_cardinalities=tuple(int(c) for c in attrs.max(0) + 1) if attrs is not None else (),
-        id_dropout=model_params["id_dropout"], dropout=model_params["dropout"],
-        branches=tuple(branches))
+        id_dropout=model_params["id_dropout"], dropout=model_params["dropout"])
     return BoNMF(config, features={m: torch.from_numpy(f) for m, f in features.items()
                                    if m in modalities},
                  user_attributes=torch.from_numpy(attrs) if attrs is not None else None)
@@ -60,35 +58,23 @@ def build_bonmf(dataset: Dataset, modalities, model_params: dict,
 
 def fit_variant(variant: str, dataset: Dataset, split: Split, params: dict, seed: int,
                 features: dict[str, np.ndarray]):
-    """Fit one variant on `split.train` → (scorer, TrainResult or None)."""
+    """Fit one variant → (scorer, TrainResult or None)."""
     if variant == "pop":
         return Popularity(dataset.n_items).fit(split.train), None
-    torch.manual_seed(seed)
     if variant == "bpr":
         p = params["bpr"]
-        model = MatrixFactorization(dataset.n_users, dataset.n_items, p["dim"])
+        build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, p["dim"])  # noqa: E731
         cfg = TrainConfig(loss="bpr", negatives=p["negatives"], epochs=p["epochs"],
                           batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
-                          embedding_reg=p["embedding_reg"],
-                          patience=p["patience"], metric=params["train"]["metric"], seed=seed)
-        return model, train(model, split, cfg)
+                          embedding_reg=p["embedding_reg"], lr_decay=p["lr_decay"],
+                          patience=p["patience"],
+                          metric=params["train"]["metric"], seed=seed)
+        return train_with_refit(build, split, cfg, refit=p["refit"])
     train_params = dict(params["train"])
-    pretrain, finetune_lr = train_params.pop("pretrain"), train_params.pop("finetune_lr")
+    refit = train_params.pop("refit")
     cfg = TrainConfig(**{**train_params, "seed": seed})
-    build = lambda branches: build_bonmf(dataset, modalities_of(variant),  # noqa: E731
-                                         params["model"], features, branches)
-    if not pretrain:
-        model = build(("gmf", "mlp"))
-        return model, train(model, split, cfg)
-    # NeuMF pre-training: fit each branch alone, merge, then fine-tune the whole model.
-    gmf, mlp = build(("gmf",)), build(("mlp",))
-    first = train(gmf, split, cfg)
-    second = train(mlp, split, cfg)
-    model = merge_pretrained(gmf, mlp)
-    result = train(model, split, replace(cfg, lr=finetune_lr))
-    result.pretraining = {"gmf_best": first.best_metric, "mlp_best": second.best_metric,
-                          "seconds": first.seconds + second.seconds}
-    return model, result
+    build = lambda: build_bonmf(dataset, modalities_of(variant), params["model"], features)  # noqa: E731
+    return train_with_refit(build, split, cfg, refit=refit)
 
 
 def run_protocol(dataset: Dataset, params: dict, variants, seeds=None,

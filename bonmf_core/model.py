@@ -29,8 +29,6 @@ class BoNMFConfig:
     user_attribute_cardinalities: tuple[int, ...] = ()
     id_dropout: float = 0.0
     dropout: float = 0.0
-    branches: tuple[str, ...] = ("gmf", "mlp")  # one branch alone = NeuMF pre-training
-
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -40,9 +38,6 @@ class BoNMFConfig:
         self.modalities = tuple(sorted(set(self.modalities), key=MODALITIES.index))
         self.mlp_layers = tuple(self.mlp_layers)
         self.user_attribute_cardinalities = tuple(self.user_attribute_cardinalities)
-        self.branches = tuple(b for b in ("gmf", "mlp") if b in self.branches)
-        if not self.branches:
-            raise ValueError("branches must include 'gmf', 'mlp' or both")
         missing = [m for m in self.modalities if m != "id" and m not in self.feature_dims]
         if missing:
             raise ValueError(f"modalities {missing} need feature matrices (feature_dims)")
@@ -80,8 +75,7 @@ class BoNMF(nn.Module):
                                        for n in c.user_attribute_cardinalities)
         if "id" in c.modalities:
             self.item_embedding = nn.Embedding(c.n_items, width)
-        # One content projection per branch, so that each branch can be pre-trained alone and
-        # the two merged without sharing a layer.
+        # One content projection per branch: GMF and MLP want different views of the content.
         content = [m for m in c.modalities if m != "id"]
         self.content_gmf = nn.ModuleDict({m: _content_projection(
             c.feature_dims[m], c.content_hidden, c.gmf_dim) for m in content})
@@ -160,19 +154,15 @@ class BoNMF(nn.Module):
     def _score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
         """Scores for user vectors (..., 1 or C, W) against item vectors (..., C, W)."""
         g = self.config.gmf_dim
+        first, rest = self.mlp[0], self.mlp[1:]
+        half = user_vec.shape[-1] - g
+        # The first MLP layer is linear over [user ⊕ item]: apply it to each side separately
+        # and add, instead of materialising the concatenation for every pair.
+        hu = nn.functional.linear(user_vec[..., g:], first.weight[:, :half], first.bias)
+        hi = nn.functional.linear(item_vec[..., g:], first.weight[:, half:])
+        gmf = user_vec[..., :g] * item_vec[..., :g]
         w = self.out.weight[0]
-        score = self.out.bias
-        if "gmf" in self.config.branches:
-            score = score + (user_vec[..., :g] * item_vec[..., :g]) @ w[:g]
-        if "mlp" in self.config.branches:
-            first, rest = self.mlp[0], self.mlp[1:]
-            half = user_vec.shape[-1] - g
-            # The first MLP layer is linear over [user ⊕ item]: apply it to each side
-            # separately and add, instead of materialising the concatenation for every pair.
-            hu = nn.functional.linear(user_vec[..., g:], first.weight[:, :half], first.bias)
-            hi = nn.functional.linear(item_vec[..., g:], first.weight[:, half:])
-            score = score + rest(hu + hi) @ w[g:]
-        return score
+        return gmf @ w[:g] + rest(hu + hi) @ w[g:] + self.out.bias
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, return_norms: bool = False):
         """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C).
@@ -206,24 +196,3 @@ class BoNMF(nn.Module):
             out[s:s + step] = self._score(uv[s:s + step], iv)
         return out
 
-
-def merge_pretrained(gmf: BoNMF, mlp: BoNMF, alpha: float = 0.5) -> BoNMF:
-    """NeuMF pre-training (He et al., 2017): a two-branch model from a GMF-only and an MLP-only
-    model of the same config. GMF columns and GMF content heads come from `gmf`, the rest from
-    `mlp`; the output layer is `alpha`·GMF's ⊕ (1-alpha)·MLP's.
-    """
-    config = BoNMFConfig.from_dict({**mlp.config.to_dict(), "branches": ("gmf", "mlp")})
-    features = {m: getattr(mlp, f"feat_{m}") for m in mlp.content_gmf}
-    merged = BoNMF(config, features, getattr(mlp, "user_attributes", None))
-    g = config.gmf_dim
-    state, gstate = mlp.state_dict(), gmf.state_dict()
-    for key, value in gstate.items():
-        if key.startswith("content_gmf."):
-            state[key] = value
-        elif key.endswith("embedding.weight") or key.startswith("user_attr."):
-            state[key] = torch.cat([value[:, :g], state[key][:, g:]], dim=1)
-    state["out.weight"] = torch.cat([alpha * gstate["out.weight"][:, :g],
-                                     (1 - alpha) * state["out.weight"][:, g:]], dim=1)
-    state["out.bias"] = alpha * gstate["out.bias"] + (1 - alpha) * state["out.bias"]
-    merged.load_state_dict(state)
-    return merged

@@ -36,23 +36,25 @@ DEFAULT_PARAMS: dict = {
         "negatives": 4,
         "epochs": 30,
         "batch_size": 8192,
-        "lr": 0.002,
+        "lr": 0.003,
         "weight_decay": 0.0,
-        "embedding_reg": 0.0,      # L2 on each batch's user/item vectors
+        "embedding_reg": 0.001,    # L2 on each batch's user/item vectors
+        "lr_decay": 0.8,           # learning rate × this after every epoch
         "patience": 3,
         "metric": "ndcg@10",
-        "pretrain": False,         # NeuMF recipe: GMF and MLP trained alone, merged, fine-tuned
-        "finetune_lr": 0.0005,     # Adam lr of the fine-tuning stage after pre-training
+        "refit": True,             # after early stopping, retrain on train ∪ valid
     },
     "bpr": {
         "dim": 64,
         "negatives": 4,
         "epochs": 40,
         "batch_size": 8192,
-        "lr": 0.005,
+        "lr": 0.01,
         "weight_decay": 0.0,
-        "embedding_reg": 0.0,
+        "embedding_reg": 0.001,
+        "lr_decay": 0.85,
         "patience": 3,
+        "refit": True,
     },
 }
 

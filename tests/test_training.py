@@ -10,7 +10,7 @@ from bonmf_core.experiment import build_bonmf, fit_variant, run_protocol
 from bonmf_core.features import basic_content_features
 from bonmf_core.params import load_params
 from bonmf_core.splits import cold_item_split, leave_one_out_split
-from bonmf_core.training import NegativeSampler, TrainConfig, train
+from bonmf_core.training import NegativeSampler, TrainConfig, train, train_with_refit
 
 FAST = {"epochs": 4, "batch_size": 2048, "patience": 2}
 
@@ -21,7 +21,7 @@ def loo(small_demo):
 
 
 def _params(**train):
-    return load_params(overrides={"train": {**FAST, **train},
+    return load_params(overrides={"train": {"refit": False, **FAST, **train},
                                   "model": {"gmf_dim": 16, "mlp_layers": [32, 16, 8],
                                             "content_hidden": 64}})
 
@@ -122,3 +122,29 @@ def test_user_attributes_are_wired(small_demo, loo):
     params["model"]["user_attributes"] = True
     model = build_bonmf(small_demo, ("id",), params["model"], {})
     assert model.config.user_attribute_cardinalities == (small_demo.users["segment"].nunique(),)
+
+
+def test_refit_trains_a_fresh_model_on_train_and_valid_for_the_best_epochs(small_demo, loo):
+    cfg = TrainConfig(**FAST, lr=0.01)
+    built = []
+
+    def build():
+        built.append(MatrixFactorization(small_demo.n_users, small_demo.n_items, 8))
+        return built[-1]
+
+    model, result = train_with_refit(build, loo, cfg)
+    assert len(built) == 2 and model is built[1]
+    assert result.refit["epochs"] == result.best_epoch
+    assert result.refit["train_pairs"] == len(loo.train) + len(loo.valid)
+    # The refit model has learned the validation pairs (they were in its training data):
+    # it ranks them far better than the early-stopped model that never saw them.
+    assert evaluate(model, _valid_as_test(loo))["hr@10"] > evaluate(built[0], _valid_as_test(loo))["hr@10"]
+
+
+def _valid_as_test(split):
+    from dataclasses import replace
+
+    # Judge on the validation pairs without the leakage guard's objection: the guard would
+    # rightly refuse, since the refit model trained on them; here that is the point.
+    return replace(split, test=split.valid, test_negatives=split.valid_negatives,
+                   train=split.train.iloc[:0])
