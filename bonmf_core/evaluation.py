@@ -41,7 +41,7 @@ def check_no_leakage(split: Split, which: str = "test") -> None:
 
 @torch.inference_mode()
 def evaluate_sampled(scorer: Scorer, users: np.ndarray, positives: np.ndarray,
-                     negatives: np.ndarray, ks=(10,), chunk: int = 2048) -> dict:
+                     negatives: np.ndarray, ks=(10,), chunk: int = 256) -> dict:
     """Rank each positive among its sampled negatives (entries of -1 are dropped candidates)."""
     candidates = np.concatenate([positives[:, None], negatives], axis=1)
     valid = torch.from_numpy(candidates >= 0)

