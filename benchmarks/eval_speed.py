@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bonmf_core.atomic import atomic_file
+from bonmf_core.atomic import write_json
 from bonmf_core.evaluation import evaluate
 from bonmf_core.experiment import build_bonmf, load_dataset
 from bonmf_core.metrics import full_ranking_metrics, sampled_metrics
@@ -59,8 +58,7 @@ def main(argv=None) -> int:
         "full_scoring_only_s": best_of(lambda: model.score_users(torch.arange(n_users)), repeat=1),
     }
     print(json.dumps(out, indent=2))
-    with atomic_file(Path(args.out)) as tmp:
-        tmp.write_text(json.dumps(out, indent=2))
+    write_json(args.out, out)
     return 0
 
 

@@ -12,9 +12,8 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from bonmf_core.atomic import atomic_file
+from bonmf_core.atomic import write_json
 from bonmf_core.experiment import format_table, load_dataset, run_protocol
 from bonmf_core.params import load_params
 
@@ -48,8 +47,7 @@ def main(argv=None) -> int:
     results = run_protocol(dataset, params, args.variants)
     print(format_table(results))
     print(f"seconds: {results['seconds']:.1f}")
-    with atomic_file(Path(args.out)) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, default=float))
+    write_json(args.out, results)
     return 0
 
 

@@ -12,9 +12,8 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
-from bonmf_core.atomic import atomic_file
+from bonmf_core.atomic import write_json
 from bonmf_core.experiment import build_bonmf, load_dataset, modalities_of, parse_variants
 from bonmf_core.features import basic_content_features
 from bonmf_core.params import load_params
@@ -52,8 +51,7 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - started,
     }
     print(json.dumps(out, indent=2))
-    with atomic_file(Path(args.out)) as tmp:
-        tmp.write_text(json.dumps(out, indent=2))
+    write_json(args.out, out)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -47,3 +48,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data, **dumps_options) -> Path:
+    """Write `data` as JSON to `path` atomically (non-JSON scalars via float())."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=float, **dumps_options))
+    return Path(path)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .artifacts import save_model
-from .atomic import atomic_file
+from .atomic import atomic_file, write_json
 from .experiment import format_table, load_dataset, run_protocol
 from .model import BoNMF
 
@@ -38,8 +37,7 @@ def train_and_evaluate(params: dict, variants: str | list[str], out: str | Path)
                                          results["results"][best].items()},
                              "best_epoch": train_result.best_epoch})
         summary.update(best_variant=best, model_path=str(out / "model"))
-    with atomic_file(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2, default=float))
+    write_json(out / "metrics.json", results)
     with atomic_file(out / "metrics.md") as tmp:
         tmp.write_text(summary["table"] + "\n")
     summary["metrics_path"] = str(out / "metrics.json")

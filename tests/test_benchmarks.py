@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end on the demo data and write the documented JSON keys."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, tmp_path):
+    env = {**os.environ, "BONMF_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_quality_json_shape(tmp_path):
+    out = tmp_path / "q.json"
+    _run("quality.py", "--data", "demo", "--protocol", "cold_items", "--variants", "pop,text",
+         "--seeds", "0,1", "--set", "train.epochs=1", "--set", "train.refit=false",
+         "--out", str(out), "-q", tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert data["protocol"]["name"] == "cold_items" and data["protocol"]["seeds"] == [0, 1]
+    assert data["dataset"]["name"] == "demo-seed0" and data["seconds"] > 0
+    for variant in ("pop", "text"):
+        for metric in ("hr@10", "ndcg@10", "recall@10"):
+            assert set(data["results"][variant][metric]) >= {"mean", "std"}
+    assert data["features"]["text"]["source"] == "hashed_bag_of_words"
+
+
+def test_train_throughput_json_shape(tmp_path):
+    out = tmp_path / "t.json"
+    _run("train_throughput.py", "--data", "demo", "--variant", "id", "--epochs", "1",
+         "--out", str(out), tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert data["samples_per_s"] > 0 and data["epoch_s"] > 0 and data["peak_rss_mb"] > 0
+
+
+def test_eval_speed_json_shape(tmp_path):
+    out = tmp_path / "e.json"
+    _run("eval_speed.py", "--data", "demo", "--out", str(out), tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert data["users"] == 3000 and data["items"] == 1000
+    assert all(data[k] > 0 for k in ("ncf_evaluate_s", "full_evaluate_s", "sampled_metrics_s"))
