@@ -75,12 +75,11 @@ class BoNMF(nn.Module):
                                        for n in c.user_attribute_cardinalities)
         if "id" in c.modalities:
             self.item_embedding = nn.Embedding(c.n_items, width)
-        # One content projection per branch: GMF and MLP want different views of the content.
+        # Each content modality is projected to the same width as the ID embedding (GMF part ⊕
+        # MLP part), so ID and content vectors add up.
         content = [m for m in c.modalities if m != "id"]
-        self.content_gmf = nn.ModuleDict({m: _content_projection(
-            c.feature_dims[m], c.content_hidden, c.gmf_dim) for m in content})
-        self.content_mlp = nn.ModuleDict({m: _content_projection(
-            c.feature_dims[m], c.content_hidden, c.mlp_layers[0] // 2) for m in content})
+        self.content = nn.ModuleDict({m: _content_projection(c.feature_dims[m], c.content_hidden,
+                                                             width) for m in content})
         layers: list[nn.Module] = []
         for a, b in zip(c.mlp_layers[:-1], c.mlp_layers[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -136,18 +135,19 @@ class BoNMF(nn.Module):
             # only sees warm items, so the mask is needed there only for ID dropout.
             if not self.training:
                 keep = self.warm_items[items]
-            elif c.id_dropout and self.content_gmf:
+            elif c.id_dropout and self.content:
                 keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
             else:
                 keep = None
             if keep is not None:
                 vec = vec * keep.unsqueeze(-1).to(vec.dtype)
-        if self.content_gmf:
+        if self.content:
             # Project each distinct item once per call: a batch repeats items many times.
             uniq, inverse = torch.unique(items, return_inverse=True)
-            for m in self.content_gmf:
-                feat = getattr(self, f"feat_{m}")[uniq]
-                v = torch.cat([self.content_gmf[m](feat), self.content_mlp[m](feat)], -1)[inverse]
+            for m, project in self.content.items():
+                # embedding() as the gather: its backward is ~8× faster on CPU than that of
+                # advanced indexing (index_put with accumulation).
+                v = nn.functional.embedding(inverse, project(getattr(self, f"feat_{m}")[uniq]))
                 vec = v if vec is None else vec + v
         return vec
 
