@@ -101,9 +101,8 @@ class NegativeSampler:
 
 
 def _set_seed(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    return torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks, ID dropout
+    return torch.Generator().manual_seed(seed)  # shuffling and negatives
 
 
 def train(model: nn.Module, split: Split, config: TrainConfig | None = None,

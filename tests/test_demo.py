@@ -1,5 +1,4 @@
 import numpy as np
-import pandas as pd
 
 from bonmf_core.demo import demo_dataset
 from bonmf_core.features import basic_content_features
@@ -47,4 +46,3 @@ def test_genres_are_theme_names(small_demo):
 
     genres = set("|".join(small_demo.items["genres"]).split("|"))
     assert genres <= set(THEMES) and len(genres) >= 6
-    assert isinstance(small_demo.items, pd.DataFrame)

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -89,4 +88,3 @@ def test_modalities_are_normalised_to_one_order():
     a = BoNMFConfig(5, 10, modalities=("image", "id", "text"), feature_dims={"text": 1, "image": 1})
     assert a.modalities == ("id", "text", "image")
     assert BoNMFConfig.from_dict(a.to_dict()) == a
-    assert np.all(np.array(a.mlp_layers) > 0)
