@@ -39,7 +39,10 @@ class Recommender:
         params = params or load_params()
         features, report = basic_content_features(
             dataset, [m for m in modalities_of(variant) if m != "id"])
-        split = leave_one_out_split(dataset, seed=seed)
+        # Validation only picks the epoch count here; a small catalog gets fewer negatives.
+        most_seen = int(implicit_pairs(dataset).groupby("user").size().max())
+        n_negatives = max(1, min(99, dataset.n_items - most_seen))
+        split = leave_one_out_split(dataset, seed=seed, n_negatives=n_negatives)
         model, result = fit_variant(variant, dataset, split, params, seed, features)
         if not isinstance(model, BoNMF):
             raise ValueError(f"Recommender wraps BoNMF variants, not {variant!r}")

@@ -44,3 +44,21 @@ def test_save_load_round_trip_and_unknown_ids(rec, small_demo, tmp_path):
         again.recommend("nobody")
     with pytest.raises(KeyError, match="unknown item id"):
         again.similar_items("nothing")
+
+
+def test_fit_on_a_catalog_too_small_for_99_negatives():
+    import pandas as pd
+
+    from bonmf_core.dataset import Dataset
+
+    users = [u for u in range(40) for _ in range(6)]
+    items = [(u + k) % 30 for u in range(40) for k in range(6)]
+    ds = Dataset(name="tiny", interactions=pd.DataFrame({"user": users, "item": items}),
+                 items=pd.DataFrame({"item_id": [f"i{i}" for i in range(30)],
+                                     "title": [f"t{i}" for i in range(30)], "genres": "",
+                                     "image_path": None}),
+                 users=pd.DataFrame({"user_id": [f"u{u}" for u in range(40)]}))
+    params = load_params(overrides={"train": {"epochs": 2, "batch_size": 256}})
+    rec = Recommender.fit(ds, "id", params)
+    recs = rec.recommend("u3", k=5)
+    assert len(recs) == 5 and not {r["item_id"] for r in recs} & {f"i{(3 + k) % 30}" for k in range(6)}
