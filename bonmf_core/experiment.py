@@ -109,13 +109,17 @@ def run_protocol(dataset: Dataset, params: dict, variants, seeds=None,
             log.info("seed %d %-10s %s", seed, variant, _brief(metrics, ks))
             if keep_models:
                 models[(variant, seed)] = (scorer, result, split)
+    # "protocol" and "dataset" are plain names (what a dashboard groups by); the details that
+    # make a number reproducible sit beside them.
     out = {
-        "protocol": {"name": proto["name"], "ks": list(ks), "seeds": seeds,
-                     "splits": split_info,
-                     **{k: proto[k] for k in ("ncf_dir", "order", "cold_fraction") if k in proto}},
-        "dataset": {"name": dataset.name, "content_hash": dataset.content_hash(),
-                    **{k: v for k, v in dataset.summary().items() if k in (
-                        "users", "items", "interactions")}},
+        "protocol": proto["name"],
+        "dataset": dataset.name,
+        "ks": list(ks),
+        "seeds": seeds,
+        "protocol_details": {"splits": split_info, **{
+            k: proto[k] for k in ("ncf_dir", "order", "cold_fraction") if k in proto}},
+        "dataset_details": {"content_hash": dataset.content_hash(), **{
+            k: v for k, v in dataset.summary().items() if k in ("users", "items", "interactions")}},
         "features": feature_report,
         "params": {k: params[k] for k in ("model", "train", "bpr")},
         "results": {v: mean_std(r) for v, r in runs.items()},
@@ -133,12 +137,12 @@ def _brief(metrics: dict, ks) -> str:
 
 def format_table(results: dict) -> str:
     """A markdown table of mean ± std per variant and metric."""
-    ks = results["protocol"]["ks"]
+    ks = results["ks"]
     names = [n for n in ("hr", "ndcg", "recall")
              if any(f"{n}@{ks[0]}" in r for r in results["results"].values())]
     cols = [f"{n}@{k}" for k in ks for n in names]
-    seeds = results["protocol"]["seeds"]
-    lines = [f"protocol={results['protocol']['name']} dataset={results['dataset']['name']} "
+    seeds = results["seeds"]
+    lines = [f"protocol={results['protocol']} dataset={results['dataset']} "
              f"seeds={','.join(map(str, seeds))}",
              "| variant | " + " | ".join(cols) + " | fit s |",
              "|---|" + "---|" * (len(cols) + 1)]

@@ -27,12 +27,15 @@ def train_and_evaluate(params: dict, variants: str | list[str], out: str | Path)
     summary = {"table": format_table(results), "best_variant": None, "model_path": None}
     if bonmf_variants:
         best = max(bonmf_variants, key=lambda v: results["results"][v][primary]["mean"])
-        seed = results["protocol"]["seeds"][0]
+        seed = results["seeds"][0]
         model, train_result, split = models[(best, seed)]
         assert isinstance(model, BoNMF)
         save_model(out / "model", model, user_ids=dataset.user_ids, item_ids=dataset.item_ids,
                    metadata={"variant": best, "seed": seed, "train": params["train"],
-                             "dataset": results["dataset"], "protocol": results["protocol"],
+                             "dataset": {"name": results["dataset"],
+                                         **results["dataset_details"]},
+                             "protocol": {"name": results["protocol"], "ks": results["ks"],
+                                          "seeds": results["seeds"]},
                              "metrics": {k: v["values"][0] for k, v in
                                          results["results"][best].items()},
                              "best_epoch": train_result.best_epoch})

@@ -23,8 +23,8 @@ def test_quality_json_shape(tmp_path):
          "--seeds", "0,1", "--set", "train.epochs=1", "--set", "train.refit=false",
          "--out", str(out), "-q", tmp_path=tmp_path)
     data = json.loads(out.read_text())
-    assert data["protocol"]["name"] == "cold_items" and data["protocol"]["seeds"] == [0, 1]
-    assert data["dataset"]["name"] == "demo-seed0" and data["seconds"] > 0
+    assert data["protocol"] == "cold_items" and data["seeds"] == [0, 1]
+    assert data["dataset"] == "demo-seed0" and data["seconds"] > 0
     for variant in ("pop", "text"):
         for metric in ("hr@10", "ndcg@10", "recall@10"):
             assert set(data["results"][variant][metric]) >= {"mean", "std"}

@@ -23,7 +23,7 @@ def test_main_job_on_the_demo_default(tmp_path):
     assert "| pop |" in proc.stdout and "| id |" in proc.stdout
     assert "protocol=ncf dataset=demo-seed0 seeds=0" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["protocol"]["name"] == "ncf" and metrics["protocol"]["seeds"] == [0]
+    assert metrics["protocol"] == "ncf" and metrics["seeds"] == [0] and metrics["ks"] == [10]
     assert metrics["results"]["id"]["hr@10"]["mean"] > metrics["results"]["pop"]["hr@10"]["mean"]
     model, meta, id_maps = load_model(out / "model")
     assert meta["variant"] == "id" and meta["seed"] == 0

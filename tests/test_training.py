@@ -110,8 +110,9 @@ def test_run_protocol_reports_protocol_seeds_and_spread(small_demo):
     params = _params(epochs=3, lr=0.01)
     params["protocol"]["seeds"] = [0, 1]
     out = run_protocol(small_demo, params, "pop,id")
-    assert out["protocol"]["name"] == "ncf" and out["protocol"]["seeds"] == [0, 1]
-    assert out["dataset"]["content_hash"] == small_demo.content_hash()
+    assert out["protocol"] == "ncf" and out["seeds"] == [0, 1]
+    assert out["dataset_details"]["content_hash"] == small_demo.content_hash()
+    assert len(out["protocol_details"]["splits"]) == 2
     hr = out["results"]["id"]["hr@10"]
     assert len(hr["values"]) == 2 and hr["std"] == pytest.approx(np.std(hr["values"]))
     assert out["results"]["pop"]["hr@10"]["mean"] < hr["mean"]
