@@ -14,11 +14,12 @@ import sys
 import time
 
 from bonmf_core.atomic import write_json
-from bonmf_core.experiment import build_bonmf, load_dataset, modalities_of, parse_variants
+from bonmf_core.experiment import (build_bonmf, load_dataset, modalities_of, parse_variants,
+                                   train_config)
 from bonmf_core.features import basic_content_features
 from bonmf_core.params import load_params
 from bonmf_core.splits import leave_one_out_split
-from bonmf_core.training import TrainConfig, train
+from bonmf_core.training import train
 
 
 def main(argv=None) -> int:
@@ -38,8 +39,7 @@ def main(argv=None) -> int:
     modalities = modalities_of(variant)
     features, _ = basic_content_features(dataset, [m for m in modalities if m != "id"])
     model = build_bonmf(dataset, modalities, params["model"], features)
-    train_params = {k: v for k, v in params["train"].items() if k != "refit"}
-    cfg = TrainConfig(**{**train_params, "epochs": args.epochs})
+    cfg, _ = train_config(params["train"], seed=0, epochs=args.epochs)
     started = time.perf_counter()
     result = train(model, split, cfg, validate=False)
     out = {

@@ -56,24 +56,26 @@ def build_bonmf(dataset: Dataset, modalities, model_params: dict,
                  user_attributes=torch.from_numpy(attrs) if attrs is not None else None)
 
 
+def train_config(section: dict, seed: int, **fixed) -> tuple[TrainConfig, bool]:
+    """A TrainConfig from a params section (`train` or `bpr`), and whether to refit."""
+    fields = {k: v for k, v in section.items() if k not in ("refit", "dim")}
+    return TrainConfig(**{**fields, **fixed, "seed": seed}), section["refit"]
+
+
 def fit_variant(variant: str, dataset: Dataset, split: Split, params: dict, seed: int,
                 features: dict[str, np.ndarray]):
     """Fit one variant → (scorer, TrainResult or None)."""
     if variant == "pop":
         return Popularity(dataset.n_items).fit(split.train), None
     if variant == "bpr":
-        p = params["bpr"]
-        build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, p["dim"])  # noqa: E731
-        cfg = TrainConfig(loss="bpr", negatives=p["negatives"], epochs=p["epochs"],
-                          batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
-                          embedding_reg=p["embedding_reg"], lr_decay=p["lr_decay"],
-                          patience=p["patience"],
-                          metric=params["train"]["metric"], seed=seed)
-        return train_with_refit(build, split, cfg, refit=p["refit"])
-    train_params = dict(params["train"])
-    refit = train_params.pop("refit")
-    cfg = TrainConfig(**{**train_params, "seed": seed})
-    build = lambda: build_bonmf(dataset, modalities_of(variant), params["model"], features)  # noqa: E731
+        dim = params["bpr"]["dim"]
+        build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, dim)  # noqa: E731
+        cfg, refit = train_config(params["bpr"], seed, loss="bpr",
+                                  metric=params["train"]["metric"])
+    else:
+        build = lambda: build_bonmf(dataset, modalities_of(variant),  # noqa: E731
+                                    params["model"], features)
+        cfg, refit = train_config(params["train"], seed)
     return train_with_refit(build, split, cfg, refit=refit)
 
 

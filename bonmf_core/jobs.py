@@ -13,9 +13,9 @@ from .model import BoNMF
 def train_and_evaluate(params: dict, variants: str | list[str], out: str | Path) -> dict:
     """Run the configured protocol over `variants`; save metrics and the best BoNMF model.
 
-    Writes `out/metrics.json`, `out/metrics.md` and `out/model/` (the best BoNMF variant by
-    the primary metric, first seed). Each file is written atomically; on failure nothing in
-    `out` is replaced.
+    Writes `out/model/` (the best BoNMF variant by the primary metric, first seed),
+    `out/metrics.json` and `out/metrics.md`. Each is written atomically, and nothing is written
+    before training and evaluation have succeeded; the three are not one transaction.
     """
     out = Path(out)
     dataset = load_dataset(params["data"]["source"], params["data"]["demo_seed"])

@@ -29,3 +29,16 @@ def shared_dataset(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (team-provided data; absent on a fresh machine)")
     return path
+
+
+@pytest.fixture(scope="session")
+def ml1m():
+    """The real MovieLens-1M, read once per session; skipped where ../shared is absent."""
+    from bonmf_core.readers import read_movielens
+
+    return read_movielens(shared_dataset("ml-1m"))
+
+
+@pytest.fixture(scope="session")
+def ncf_dir() -> Path:
+    return shared_dataset("ml-1m-ncf")

@@ -406,14 +406,7 @@ def test_generic_catalog_and_users_errors(tmp_path):
 
 # -- the real MovieLens-1M ------------------------------------------------------------------
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
-@pytest.fixture(scope="module")
-def ml1m() -> Dataset:
-    if not (REAL / "ml-1m" / "ratings.dat").exists():
-        pytest.skip(f"real MovieLens-1M not found at {REAL / 'ml-1m'}")
-    return read_movielens(REAL / "ml-1m")
+# `ml1m` (session fixture, conftest.py) skips cleanly where ../shared is absent.
 
 
 def test_real_ml1m_counts(ml1m):
@@ -437,11 +430,9 @@ def test_real_ml1m_latin1_titles(ml1m):
     assert not any("Ã" in t for t in titles)  # no UTF-8 / Latin-1 mojibake
 
 
-def test_real_ml1m_matches_ncf_test_file(ml1m):
+def test_real_ml1m_matches_ncf_test_file(ml1m, ncf_dir):
     """NCF's user = UserID - 1 and item = first appearance in ratings.dat: ours must agree."""
-    path = REAL / "ml-1m-ncf" / "ml-1m.test.rating"
-    if not path.exists():
-        pytest.skip(f"NCF reference files not found at {path.parent}")
+    path = ncf_dir / "ml-1m.test.rating"
     ncf = pd.read_csv(path, sep="\t", header=None, names=["user", "item", "rating", "timestamp"])
     assert len(ncf) == 6_040
     # every line, not only the first 50: a merge over 6k rows costs nothing

@@ -418,17 +418,9 @@ def test_ncf_reference_split_bad_files(tmp_path):
 
 # -- the real MovieLens-1M with the published NCF files ---------------------------------------
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
-def test_real_ncf_reference_split_and_popularity():
-    if not ((REAL / "ml-1m" / "ratings.dat").exists()
-            and (REAL / "ml-1m-ncf" / "ml-1m.test.negative").exists()):
-        pytest.skip(f"real ML-1M / NCF files not found under {REAL}")
-    from bonmf_core.readers import read_movielens
-
-    ds = read_movielens(REAL / "ml-1m", overviews=None, posters=None)
-    split = ncf_reference_split(ds, REAL / "ml-1m-ncf", seed=0)
+def test_real_ncf_reference_split_and_popularity(ml1m, ncf_dir):
+    ds = ml1m
+    split = ncf_reference_split(ds, ncf_dir, seed=0)
     assert split.info["train_pairs_total"] == 994_169
     assert split.info["negatives_equal_to_test_item"] == 156
     assert len(split.test) == 6040 and split.test["user"].nunique() == 6040
