@@ -5,17 +5,18 @@ import pytest
 import torch
 
 from bonmf_core.encoders import (ImageEncoder, TextEncoder, default_image_weights_path,
-                                 pick_device)
+                                 image_identity, image_weights_hash, pick_device,
+                                 resolve_precision, text_identity, text_weights_hash)
 
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    return TextEncoder(device="cpu", batch_size=4)
+    return TextEncoder(device="cpu", batch_size=4, precision="fp32")
 
 
 @pytest.fixture(scope="module")
 def image_encoder():
-    return ImageEncoder(device="cpu", workers=0, batch_size=4)
+    return ImageEncoder(device="cpu", workers=0, batch_size=4, precision="fp32")
 
 
 def test_text_vectors_are_normalised_and_meaningful(text_encoder):
@@ -61,8 +62,34 @@ def test_images_opened_by_content_and_failures_masked(image_encoder, small_demo,
 def test_default_image_weights_are_the_packaged_imagenet_ones(image_encoder):
     packaged = torch.load(default_image_weights_path(), map_location="cpu", weights_only=True)
     ours = image_encoder.model.state_dict()
-    torch.testing.assert_close(ours["conv_stem.weight"], packaged["_conv_stem.weight"])
-    assert image_encoder.identity()["mean"] == [0.5, 0.5, 0.5]
+    assert image_encoder.preprocessing()["mean"] == [0.5, 0.5, 0.5]
+    # The stem's BatchNorm is folded into the convolution: W · γ / sqrt(var + eps).
+    scale = packaged["_bn0.weight"] / torch.sqrt(packaged["_bn0.running_var"]
+                                                  + image_encoder.model.bn1.eps)
+    torch.testing.assert_close(ours["conv_stem.weight"],
+                               packaged["_conv_stem.weight"] * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(ours["conv_stem.bias"],
+                               packaged["_bn0.bias"] - packaged["_bn0.running_mean"] * scale)
+    assert image_encoder.identity()["weights_hash"] == image_weights_hash("efficientnet_lite0")
+
+
+def test_batchnorm_folding_is_exact(small_demo):
+    import timm
+    from PIL import Image
+
+    from bonmf_core.encoders import _fold_batchnorm
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_lite0").eval()
+    for m in model.modules():  # non-trivial statistics, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        before = model(x)
+        assert _fold_batchnorm(model) == 49
+        torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
 
 
 def test_demo_pictures_of_one_theme_are_closer(image_encoder, small_demo):
@@ -84,7 +111,7 @@ def test_vit_from_a_local_checkpoint(tmp_path, small_demo):
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     torch.save(reference.state_dict(), tmp_path / "vit.pth")
     encoder = ImageEncoder("vit_tiny_patch16_224", weights=tmp_path / "vit.pth", device="cpu",
-                           workers=0)
+                           workers=0, precision="fp32")
     assert encoder.dim == 192 and encoder.identity()["weights_hash"] != "hub:vit_tiny_patch16_224"
     vectors, present = encoder.encode([small_demo.items["image_path"][0]])
     reference.reset_classifier(0)
@@ -105,3 +132,35 @@ def test_default_weights_only_for_the_packaged_model():
 def test_device_choice():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu").type == "cpu"
+
+
+def test_cheap_identity_matches_the_loaded_encoders(text_encoder, image_encoder):
+    """Cache keys are computed without loading a model; they must equal the loaded ones."""
+    name, weights = text_weights_hash("default")
+    assert text_identity(name, weights, 128, "fp32") == text_encoder.identity()
+    assert image_identity("efficientnet_lite0", image_weights_hash("efficientnet_lite0"),
+                          "fp32") == image_encoder.identity()
+    assert text_identity(name, weights, 128, "bf16") != text_encoder.identity()
+
+
+def test_reduced_precision_keeps_cosine_to_fp32(text_encoder, image_encoder, small_demo):
+    """bf16 is a speed trick only: its vectors stay within cosine 0.99 of fp32."""
+    texts = small_demo.item_text()[:24]
+    fast_text = TextEncoder(device="cpu", batch_size=8, precision="bf16")
+    assert fast_text.identity()["precision"] == "bf16"
+    cos = (fast_text.encode(texts) * text_encoder.encode(texts)).sum(1)
+    assert cos.min() >= 0.99
+    paths = list(small_demo.items["image_path"][:16])
+    fast_image = ImageEncoder(device="cpu", workers=0, batch_size=8, precision="bf16")
+    a, _ = fast_image.encode(paths)
+    b, _ = image_encoder.encode(paths)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99
+
+
+def test_precision_choice():
+    assert resolve_precision(torch.device("cuda"), "auto") == "fp16"
+    assert resolve_precision(torch.device("cpu"), "fp32") == "fp32"
+    assert resolve_precision(torch.device("cpu"), "auto") in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision(torch.device("cpu"), "int4")
