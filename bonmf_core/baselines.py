@@ -55,3 +55,104 @@ class MatrixFactorization(nn.Module):
     @torch.inference_mode()
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         return self.user(users) @ self.item.weight.T + self.item_bias.weight.T
+
+
+class ContentKNN:
+    """Scores an item by its content similarity to the user's training history.
+
+    Item vectors are the content embeddings (each modality L2-normalised, concatenated, so
+    text and image weigh equally), the same encoder space BoNMF sees. A user's score for an item
+    is the mean cosine similarity to the `neighbors` most similar history items (None = all of
+    them, which is the dot product with the mean history vector). Works for cold items: it needs
+    no interactions on the item itself.
+    """
+
+    def __init__(self, features: dict[str, np.ndarray], neighbors: int | None = None):
+        parts = [f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+                 for _, f in sorted(features.items())]
+        if not parts:
+            raise ValueError("content_knn needs at least one content modality")
+        self.vectors = torch.from_numpy(
+            (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32))
+        self.neighbors = neighbors
+        self.similarity: torch.Tensor | None = None
+        self.candidates: torch.Tensor | None = None
+
+    def fit(self, train: pd.DataFrame) -> "ContentKNN":
+        order = np.argsort(train["user"].to_numpy(), kind="stable")
+        users = train["user"].to_numpy()[order]
+        self.history = train["item"].to_numpy()[order]
+        n_users = int(users.max()) + 1 if len(users) else 0
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=n_users))])
+        v = self.vectors
+        sums = torch.zeros(n_users, v.shape[1])
+        sums.index_add_(0, torch.from_numpy(users).long(), v[torch.from_numpy(self.history).long()])
+        counts = torch.from_numpy(np.diff(self.indptr)).float().clamp(min=1).unsqueeze(1)
+        self.profiles = sums / counts
+        return self
+
+    def restrict_to(self, items) -> "ContentKNN":
+        """Score only these items on the top-k path (e.g. a protocol's cold candidates); the
+        rest get -inf. Top-k over the whole catalog costs items × history per user."""
+        self.candidates = None if items is None else torch.as_tensor(np.asarray(items)).long()
+        self.similarity = None
+        return self
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        if self.neighbors is None:
+            return self.profiles[users] @ self.vectors.T
+        cols = self.candidates if self.candidates is not None else torch.arange(len(self.vectors))
+        if self.similarity is None:  # candidate × item cosine, once; per user a gather + top-k
+            self.similarity = self.vectors[cols] @ self.vectors.T
+        out = torch.full((len(users), len(self.vectors)), float("-inf"))
+        for row, u in enumerate(users.tolist()):
+            hist = torch.from_numpy(self.history[self.indptr[u]:self.indptr[u + 1]]).long()
+            if len(hist) == 0:
+                out[row, cols] = 0.0
+                continue
+            sims = self.similarity[:, hist]                          # candidates × history
+            k = min(self.neighbors, len(hist))
+            out[row, cols] = sims.topk(k, dim=1).values.mean(1) if k < len(hist) else sims.mean(1)
+        return out
+
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        if items.dim() == 1:
+            return self.score_users(users).gather(1, items[:, None]).squeeze(1)
+        if self.neighbors is None:  # (B, C): no need to score the whole catalog
+            return torch.einsum("bd,bcd->bc", self.profiles[users], self.vectors[items])
+        return self.score_users(users).gather(1, items)
+
+
+class GenrePopularity:
+    """Scores an item by the popularity of its genres: the mean, over the item's genres, of
+    training interactions per item of that genre. The same for every user; a cold item gets
+    its genres' popularity. Items without genres get the overall mean."""
+
+    def __init__(self, genres: pd.Series):
+        lists = genres.fillna("").astype(str).str.split("|")
+        names = sorted({g for gs in lists for g in gs if g})
+        if not names:
+            raise ValueError("genre_pop needs a catalog with genres")
+        index = {g: i for i, g in enumerate(names)}
+        self.membership = np.zeros((len(genres), len(names)), np.float32)
+        for row, gs in enumerate(lists):
+            for g in gs:
+                if g:
+                    self.membership[row, index[g]] = 1.0
+        self.scores = torch.zeros(len(genres))
+
+    def fit(self, train: pd.DataFrame) -> "GenrePopularity":
+        counts = np.bincount(train["item"].to_numpy(), minlength=len(self.membership))
+        warm = (counts > 0).astype(np.float32)
+        per_genre = (self.membership.T @ counts) / np.maximum(self.membership.T @ warm, 1.0)
+        n_genres = self.membership.sum(1)
+        score = (self.membership @ per_genre) / np.maximum(n_genres, 1.0)
+        score[n_genres == 0] = counts[counts > 0].mean() if (counts > 0).any() else 0.0
+        self.scores = torch.from_numpy(score.astype(np.float32))
+        return self
+
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.scores[items]
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        return self.scores.expand(len(users), -1)

@@ -1,33 +1,53 @@
-"""`bonmf` command line: the main job (train + evaluate + save) on the embedded demo default."""
+"""`bonmf` command line. `bonmf run`: the whole Dagster graph in-process on the demo default.
+
+snapshot → data-quality checks → encoding → training (BoNMF + baselines) → evaluation →
+promotion decision, with the state (SQLite store, snapshots, models, reports, DAGSTER_HOME) in
+the state folder (`BONMF_STATE_DIR`, default ./.bonmf). Dagster is imported only by `run`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import sys
-import time
 from pathlib import Path
 
 from .errors import ConfigMismatchError, DataError, LeakageError
 
+# On the demo source, without --epochs or --params, training stops after this many epochs so
+# the whole graph runs in a couple of minutes on a laptop; --epochs N overrides.
+DEMO_EPOCHS = 5
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bonmf", description=__doc__)
+    p = argparse.ArgumentParser(prog="bonmf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train and evaluate BoNMF and its baselines, save the model")
+    run = sub.add_parser("run", help="materialize the whole graph (checks, encoding, training, "
+                                     "evaluation, promotion) in-process")
     run.add_argument("--data", default=None,
                      help="'demo' (default), a MovieLens-1M directory or a saved dataset")
     run.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
     run.add_argument("--protocol", choices=("ncf", "full", "cold_items"), default=None)
     run.add_argument("--ncf-dir", default=None,
                      help="canonical NCF test files (ml-1m.test.rating/.negative)")
-    run.add_argument("--variants", default="pop,bpr,id,text+image")
+    run.add_argument("--variants", default=None,
+                     help="comma-separated; BoNMF variants (id, text, image, text+image) are "
+                          "the candidates, the others (pop, bpr, genre_pop, content_knn) the "
+                          "baselines (default: params pipeline.candidates + baselines)")
     run.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
-    run.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    run.add_argument("--epochs", type=int, default=None,
+                     help=f"override train.epochs and bpr.epochs (demo default: {DEMO_EPOCHS})")
+    run.add_argument("--encoders", choices=("pretrained", "basic"), default=None,
+                     help="override encoders.source")
+    run.add_argument("--force-promotion", metavar="WHO", default=None,
+                     help="promote the candidate whatever the gate says (recorded with WHO)")
     run.add_argument("--out", default=None,
-                     help="output folder (default: <state dir>/runs/<timestamp>)")
-    run.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
+                     help="also copy the report (metrics.json/.md/.png) and the candidate "
+                          "model here")
+    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     return p
 
 
@@ -43,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args) -> int:
-    from .jobs import train_and_evaluate
+def build_params(args) -> dict:
+    from .experiment import BASELINES, parse_variants
     from .params import load_params
-    from .settings import state_dir
+    from .snapshot import source_kind
 
-    overrides: dict = {"data": {}, "protocol": {}, "train": {}}
+    overrides: dict = {"data": {}, "protocol": {}, "train": {}, "bpr": {}, "encoders": {},
+                       "pipeline": {}}
     if args.data:
         overrides["data"]["source"] = args.data
     if args.protocol:
@@ -57,17 +78,69 @@ def _run(args) -> int:
         overrides["protocol"]["ncf_dir"] = args.ncf_dir
     if args.seeds:
         overrides["protocol"]["seeds"] = [int(s) for s in args.seeds.split(",")]
-    if args.epochs:
-        overrides["train"]["epochs"] = args.epochs
+    if args.encoders:
+        overrides["encoders"]["source"] = args.encoders
+    if args.variants:
+        variants = parse_variants(args.variants)
+        overrides["pipeline"]["candidates"] = [v for v in variants if v not in BASELINES]
+        overrides["pipeline"]["baselines"] = [v for v in variants if v in BASELINES]
+        if not overrides["pipeline"]["candidates"]:
+            raise ValueError("--variants needs at least one BoNMF variant "
+                             "(id, text, image, text+image) to be the candidate")
     params = load_params(args.params, overrides)
-    out = Path(args.out) if args.out else state_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    summary = train_and_evaluate(params, args.variants, out)
+    source_kind(params["data"]["source"])  # a wrong --data fails here, before anything runs
+    if args.epochs:
+        params["train"]["epochs"] = params["bpr"]["epochs"] = args.epochs
+    elif params["data"]["source"] == "demo" and args.params is None:
+        for section in ("train", "bpr"):
+            params[section]["epochs"] = min(params[section]["epochs"], DEMO_EPOCHS)
+    return params
+
+
+def _run(args) -> int:
+    params = build_params(args)
+    from orchestration.main import run_pipeline  # imports Dagster: only for `run`
+
+    summary = run_pipeline(params, params_path=args.params,
+                           force=args.force_promotion is not None,
+                           forced_by=args.force_promotion,
+                           log_level="WARNING" if args.quiet else "INFO")
+    print()
+    print(f"run {summary['run_id']} ({summary['seconds']:.1f} s): "
+          f"{'succeeded' if summary['success'] else 'FAILED'}")
+    for name, check in summary.get("checks", {}).items():
+        mark = "ok  " if check["passed"] else ("FAIL" if check["severity"] == "ERROR" else "warn")
+        print(f"  check {mark} {name}: {check['description'][:160]}")
+    if not summary["success"]:
+        print(f"error: {summary.get('error')}", file=sys.stderr)
+        print(f"nothing downstream of the failure ran; the registry and the production model "
+              f"are unchanged. Details: {summary['ui']}")
+        return 1
     print()
     print(summary["table"])
+    decision, candidate = summary["decision"], summary["candidate"]
     print()
-    print(f"model:   {summary['model_path']}")
-    print(f"metrics: {summary['metrics_path']}")
-    print(json.dumps({"best_variant": summary["best_variant"]}))
+    print(f"candidate:  {candidate['variant']} (model version {candidate['version_id']}, "
+          f"{summary['fits_reused']}/{summary['fits_total']} fits reused from the cache)")
+    print(f"gate:       {decision['decision'].upper()} — {decision['reason']}")
+    print(f"production: " + (f"model version {decision['production_version']} at "
+                             f"{decision['production_path']}" if decision["production_version"]
+                             else "none yet"))
+    print(f"report:     {summary['report']['markdown']} (+ metrics.json, metrics.png)")
+    print(f"candidate artifact: {candidate['artifact_path']}")
+    print(f"store:      {Path(summary['state_dir']) / 'bonmf.db'}")
+    print(f"open the UI: {summary['ui']}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("json", "markdown", "plot"):
+            shutil.copy2(summary["report"][name], out / Path(summary["report"][name]).name)
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        shutil.copytree(candidate["artifact_path"], out / "model")
+        print(f"copied:     report and candidate model to {out}")
+    print(json.dumps({"decision": decision["decision"], "candidate": candidate["variant"],
+                      "model_version": candidate["version_id"]}))
     return 0
 
 

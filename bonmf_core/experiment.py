@@ -1,7 +1,9 @@
 """Run a protocol end to end: split per seed, fit each variant, evaluate, aggregate.
 
-Variants: `pop` (popularity), `bpr` (BPR-MF), and BoNMF with its item-side modalities —
-`id` (= NeuMF), `text`, `image`, `text+image` (ID embedding plus the named content).
+Variants: `pop` (popularity), `bpr` (BPR-MF), the cold-item baselines `genre_pop` (popularity
+of the item's genres) and `content_knn` (content similarity to the user's history, in the
+text+image encoder space), and BoNMF with its item-side modalities — `id` (= NeuMF), `text`,
+`image`, `text+image` (ID embedding plus the named content).
 Every variant of a seed sees the same split, so differences are the models', not the data's.
 """
 
@@ -14,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import MatrixFactorization, Popularity
+from .baselines import ContentKNN, GenrePopularity, MatrixFactorization, Popularity
 from .dataset import Dataset
 from .evaluation import evaluate
-from .features import basic_content_features
+from .features import content_features
 from .metrics import mean_std
 from .model import BoNMF, BoNMFConfig
 from .splits import Split, make_split
@@ -25,7 +27,9 @@ from .training import TrainConfig, train_with_refit
 
 log = logging.getLogger("bonmf.experiment")
 
-VARIANTS = ("pop", "bpr", "id", "text", "image", "text+image")
+VARIANTS = ("pop", "bpr", "genre_pop", "content_knn", "id", "text", "image", "text+image")
+BASELINES = ("pop", "bpr", "genre_pop", "content_knn")
+CONTENT_KNN_NEIGHBORS = (None, 10)  # None = all of the history; chosen on validation
 
 
 def parse_variants(spec: str | list[str]) -> list[str]:
@@ -37,7 +41,11 @@ def parse_variants(spec: str | list[str]) -> list[str]:
 
 
 def modalities_of(variant: str) -> tuple[str, ...]:
-    """BoNMF's item modalities for a variant: the ID embedding plus the named content."""
+    """The item modalities a variant uses: for BoNMF the ID embedding plus the named content."""
+    if variant == "content_knn":
+        return ("text", "image")
+    if variant in BASELINES:
+        return ()
     return ("id",) + tuple(m for m in variant.split("+") if m != "id")
 
 
@@ -67,6 +75,10 @@ def fit_variant(variant: str, dataset: Dataset, split: Split, params: dict, seed
     """Fit one variant → (scorer, TrainResult or None)."""
     if variant == "pop":
         return Popularity(dataset.n_items).fit(split.train), None
+    if variant == "genre_pop":
+        return GenrePopularity(dataset.items["genres"]).fit(split.train), None
+    if variant == "content_knn":
+        return _fit_content_knn(features, split, params["train"]["metric"]), None
     if variant == "bpr":
         dim = params["bpr"]["dim"]
         build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, dim)  # noqa: E731
@@ -79,6 +91,28 @@ def fit_variant(variant: str, dataset: Dataset, split: Split, params: dict, seed
     return train_with_refit(build, split, cfg, refit=refit)
 
 
+def _fit_content_knn(features: dict[str, np.ndarray], split: Split, metric: str) -> ContentKNN:
+    """Pick the content space (text, image or both) and the neighbour count on the validation
+    set, as for any tuned baseline: the cold-start comparison is against its best setting."""
+    spaces = [s for s in (("text",), ("image",), ("text", "image"))
+              if all(m in features for m in s)]
+    ks = (int(metric.split("@")[1]),)
+    best, best_value, best_space = None, -1.0, None
+    for space in spaces:
+        for neighbors in CONTENT_KNN_NEIGHBORS:
+            scorer = ContentKNN({m: features[m] for m in space}, neighbors).fit(split.train)
+            if len(split.valid) == 0:
+                return scorer.restrict_to(split.cold_test_items)
+            scorer.restrict_to(split.cold_valid_items)
+            value = evaluate(scorer, split, "valid", ks)[metric]
+            if value > best_value:
+                best, best_value, best_space = scorer, value, space
+    log.info("content_knn: %s, neighbors=%s (valid %s %.4f)", "+".join(best_space),
+             best.neighbors, metric, best_value)
+    best.space = "+".join(best_space)
+    return best.restrict_to(split.cold_test_items)
+
+
 def run_protocol(dataset: Dataset, params: dict, variants, seeds=None,
                  keep_models: bool = False) -> dict:
     """Evaluate `variants` on `dataset` under `params['protocol']`, mean ± std over seeds."""
@@ -87,8 +121,8 @@ def run_protocol(dataset: Dataset, params: dict, variants, seeds=None,
     ks = tuple(proto["ks"])
     variants = parse_variants(variants)
     started = time.perf_counter()
-    wanted = sorted({m for v in variants if v not in ("pop", "bpr") for m in modalities_of(v)})
-    features, feature_report = basic_content_features(dataset, [m for m in wanted if m != "id"])
+    wanted = sorted({m for v in variants for m in modalities_of(v)} - {"id"})
+    features, feature_report = content_features(dataset, wanted, params.get("encoders"))
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     split_info, models = [], {}
@@ -123,7 +157,7 @@ def run_protocol(dataset: Dataset, params: dict, variants, seeds=None,
         "dataset_details": {"content_hash": dataset.content_hash(), **{
             k: v for k, v in dataset.summary().items() if k in ("users", "items", "interactions")}},
         "features": feature_report,
-        "params": {k: params[k] for k in ("model", "train", "bpr")},
+        "params": {k: params[k] for k in ("model", "train", "bpr", "encoders") if k in params},
         "results": {v: mean_std(r) for v, r in runs.items()},
         "seconds": time.perf_counter() - started,
     }

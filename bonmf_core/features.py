@@ -79,3 +79,37 @@ def basic_content_features(dataset: Dataset, modalities) -> tuple[dict[str, np.n
         else:
             raise ValueError(f"unknown modality {m!r}")
     return features, report
+
+
+def content_features(dataset: Dataset, modalities, encoders: dict | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict]:
+    """Content matrices for `modalities` as configured by the params `encoders` section.
+
+    `source: pretrained` encodes the catalog with the transformer / vision encoders through the
+    embedding cache (see catalog_encoding); `basic` uses the weight-free featurizers. Matrices
+    the dataset already carries win either way.
+    """
+    encoders = dict(encoders or {"source": "basic"})
+    source = encoders.pop("source", "pretrained")
+    store_url = encoders.pop("store_url", None)
+    wanted = [m for m in modalities if m != "id" and m not in dataset.features]
+    if source == "basic" or not wanted:
+        return basic_content_features(dataset, modalities)
+    if source != "pretrained":
+        raise ValueError(f"encoders.source must be 'pretrained' or 'basic', got {source!r}")
+    from .catalog_encoding import EncoderSettings, encode_catalog
+    from .store import Store
+
+    store = Store(store_url)
+    try:
+        encoded = encode_catalog(dataset, store, EncoderSettings.from_params(encoders), wanted)
+    finally:
+        store.dispose()
+    features, report = basic_content_features(
+        dataset, [m for m in modalities if m != "id" and m not in encoded])
+    for m, e in encoded.items():
+        features[m] = e.vectors
+        report[m] = {"source": "pretrained", **{k: e.manifest[k] for k in (
+            "encoder", "dim", "items", "present", "missing", "unreadable", "encoded_now",
+            "cache_hits")}}
+    return features, report

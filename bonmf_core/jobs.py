@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .artifacts import save_model
 from .atomic import atomic_file, write_json
-from .experiment import format_table, load_dataset, run_protocol
+from .experiment import BASELINES, format_table, load_dataset, run_protocol
 from .model import BoNMF
 
 
@@ -23,7 +23,7 @@ def train_and_evaluate(params: dict, variants: str | list[str], out: str | Path)
     models = results.pop("_models")
 
     primary = params["train"]["metric"]
-    bonmf_variants = [v for v in results["results"] if v not in ("pop", "bpr")]
+    bonmf_variants = [v for v in results["results"] if v not in BASELINES]
     summary = {"table": format_table(results), "best_variant": None, "model_path": None}
     if bonmf_variants:
         best = max(bonmf_variants, key=lambda v: results["results"][v][primary]["mean"])

@@ -14,6 +14,8 @@ DEFAULT_PARAMS: dict = {
     "data": {
         "source": "demo",          # "demo", a MovieLens-1M directory, or a saved dataset dir
         "demo_seed": 0,
+        "demo_users": 3000,
+        "demo_items": 1000,
     },
     "protocol": {
         "name": "ncf",             # ncf | full | cold_items
@@ -44,6 +46,21 @@ DEFAULT_PARAMS: dict = {
         "metric": "ndcg@10",
         "refit": True,             # after early stopping, retrain on train ∪ valid
     },
+    "encoders": {
+        "source": "pretrained",    # pretrained (transformer + vision model) | basic (weight-free)
+        "store_url": None,         # metadata store (embedding cache); None = SQLite in state dir
+        "text_model": "default",   # default = offline MiniLM; or a hub name / local folder
+        "text_max_length": 128,
+        "text_fields": ["title", "genres", "overview", "keywords"],
+        "text_separator": " | ",
+        "image_model": "efficientnet_lite0",
+        "image_weights": "default",  # default (packaged, lite0 only) | hub | path to a file
+        "device": "auto",          # auto = CUDA when present, else CPU
+        "precision": "auto",       # auto = fp16 on CUDA, bf16 on a CPU with native bf16
+        "batch_size": None,
+        "image_workers": None,
+        "write_chunk": 256,
+    },
     "bpr": {
         "dim": 64,
         "negatives": 4,
@@ -55,6 +72,35 @@ DEFAULT_PARAMS: dict = {
         "lr_decay": 0.85,
         "patience": 3,
         "refit": True,
+    },
+    # -- orchestration (orchestration/, `bonmf run`) --------------------------------------
+    "pipeline": {
+        "candidates": ["id", "text+image"],  # BoNMF variants; the best one is the candidate
+        "baselines": ["pop", "bpr"],       # it must beat these (promotion.beat_baselines)
+    },
+    "checks": {                            # data_checks.CheckThresholds, + data_docs
+        "rating_scale": None,              # None = the scale the source declares
+        "min_interactions_per_user": 1,
+        "timestamp_min": 788918400,        # 1995-01-01 UTC
+        "timestamp_max_slack_days": 1.0,
+        "text_coverage_min": 0.5,
+        "readable_image_min": 0.9,
+        "max_rating_mean_shift": 0.25,
+        "max_new_item_share": 0.2,
+        "max_new_user_share": 0.2,
+        "max_volume_change": 0.5,
+        "data_docs": False,                # build a GX Data Docs site under the state dir
+    },
+    "promotion": {
+        "primary_metric": "ndcg@10",
+        "min_improvement": 0.001,          # absolute margin over the production model
+        "floors": {"hr@10": 0.2, "ndcg@10": 0.1},
+        "beat_baselines": True,
+    },
+    "retrain": {
+        "cron": "0 3 * * 1",               # weekly, Monday 03:00
+        "timezone": "UTC",
+        "sensor_interval_s": 300,          # how often the new-data sensor looks at the source
     },
 }
 

@@ -32,13 +32,13 @@ class Recommender:
         """Train on all of `dataset`: leave-one-out validation picks the epochs, then a refit
         on every interaction (params['train']['refit'])."""
         from .experiment import fit_variant, modalities_of
-        from .features import basic_content_features
+        from .features import content_features
         from .params import load_params
         from .splits import implicit_pairs, leave_one_out_split, positive_matrix
 
         params = params or load_params()
-        features, report = basic_content_features(
-            dataset, [m for m in modalities_of(variant) if m != "id"])
+        features, report = content_features(
+            dataset, [m for m in modalities_of(variant) if m != "id"], params.get("encoders"))
         # Validation only picks the epoch count here; a small catalog gets fewer negatives.
         most_seen = int(implicit_pairs(dataset).groupby("user").size().max())
         n_negatives = max(1, min(99, dataset.n_items - most_seen))

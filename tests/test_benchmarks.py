@@ -19,13 +19,16 @@ def _run(script, *args, tmp_path):
 
 def test_quality_json_shape(tmp_path):
     out = tmp_path / "q.json"
-    _run("quality.py", "--data", "demo", "--protocol", "cold_items", "--variants", "pop,text",
-         "--seeds", "0,1", "--set", "train.epochs=1", "--set", "train.refit=false",
-         "--out", str(out), "-q", tmp_path=tmp_path)
+    _run("quality.py", "--data", "demo", "--protocol", "cold_items",
+         "--variants", "pop,genre_pop,content_knn,text", "--seeds", "0,1",
+         "--set", "train.epochs=1", "--set", "train.refit=false",
+         "--set", 'encoders.source="basic"', "--out", str(out), "-q", tmp_path=tmp_path)
     data = json.loads(out.read_text())
     assert data["protocol"] == "cold_items" and data["seeds"] == [0, 1]
     assert data["dataset"] == "demo-seed0" and data["seconds"] > 0
-    for variant in ("pop", "text"):
+    assert data["features"]["text"]["source"] == "hashed_bag_of_words"
+    assert data["results"]["content_knn"]["ndcg@10"]["mean"] > 0.1  # cold items, from content
+    for variant in ("pop", "genre_pop", "content_knn", "text"):
         for metric in ("hr@10", "ndcg@10", "recall@10"):
             assert set(data["results"][variant][metric]) >= {"mean", "std"}
     assert data["features"]["text"]["source"] == "hashed_bag_of_words"
@@ -45,3 +48,18 @@ def test_eval_speed_json_shape(tmp_path):
     data = json.loads(out.read_text())
     assert data["users"] == 3000 and data["items"] == 1000
     assert all(data[k] > 0 for k in ("ncf_evaluate_s", "full_evaluate_s", "sampled_metrics_s"))
+
+
+def test_encode_catalog_json_shape(tmp_path):
+    out = tmp_path / "e.json"
+    proc = _run("encode_catalog.py", "--data", "demo", "--check-fp32", "16", "--out", str(out),
+                tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    for key in ("text_items_per_s", "image_items_per_s", "text_s", "image_s", "cached_rerun_s"):
+        assert data[key] > 0, key
+    assert data["device"] == "cpu" and data["items"] == 1000
+    assert data["manifests"]["text"]["encoded_now"] == 1000
+    assert data["cached_rerun_s"] < data["text_s"] + data["image_s"]
+    assert data["cosine_to_fp32"]["text"]["min"] >= 0.99
+    assert data["cosine_to_fp32"]["image"]["min"] >= 0.99
+    assert "cached_rerun_s" in proc.stdout

@@ -1,0 +1,95 @@
+"""The metadata store: one SQLAlchemy engine over the tables of `schema.py`.
+
+SQLite file by default (`<state dir>/bonmf.db`); any SQLAlchemy URL (PostgreSQL, …) by
+configuration (`BONMF_STORE_URL` or the `url` argument). SQLite runs in WAL mode with a busy
+timeout so concurrent writers (two encode runs, a Dagster run and the service) wait for each
+other instead of failing, and readers never block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .schema import SCHEMA_VERSION, Base, SchemaVersion
+from .settings import state_dir
+
+
+class StoreVersionError(RuntimeError):
+    """The database was written by a newer schema than this code knows."""
+
+
+def default_store_url() -> str:
+    url = os.environ.get("BONMF_STORE_URL")
+    return url or f"sqlite:///{state_dir() / 'bonmf.db'}"
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    """Engine + session factory; creates (or migrates) the schema on open."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or default_store_url()
+        if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
+            Path(self.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(
+            self.url, connect_args={"timeout": 60} if self.url.startswith("sqlite") else {})
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.migrate()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed when the block succeeds, rolled back when it raises."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def schema_version(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.max(SchemaVersion.version))) or 0)
+
+    def migrate(self) -> None:
+        """Create missing tables and record the schema version (idempotent, concurrent-safe).
+
+        Revisions that change existing tables go into `_MIGRATIONS` as (version, function);
+        version 1 is the initial schema, created by `create_all`.
+        """
+        Base.metadata.create_all(self.engine)  # CREATE TABLE IF NOT EXISTS: safe to race
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreVersionError(
+                f"{self.url} has schema version {current}, this code knows up to "
+                f"{SCHEMA_VERSION}: upgrade bonmf before using this store")
+        for version, apply in _MIGRATIONS:
+            if version > current:
+                with self.session() as s:
+                    apply(s)
+        if current < SCHEMA_VERSION:
+            with contextlib.suppress(Exception), self.session() as s:  # a racing opener won
+                s.merge(SchemaVersion(version=SCHEMA_VERSION))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+# (version, function(session)) for revisions after the initial schema, in order.
+_MIGRATIONS: list = []

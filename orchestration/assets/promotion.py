@@ -1,0 +1,60 @@
+"""Promotion: the gate decision, recorded in the registry; the production copy on promotion."""
+
+
+import dagster as dg
+
+from bonmf_core import registry
+from bonmf_core.promotion import GateConfig, decide
+
+from ..config import PromotionConfig
+from ..resources import StateResource, StoreResource
+
+
+@dg.asset(group_name="promotion", kinds={"sqlite"},
+          description="The promotion gate: the candidate must pass the absolute floors, beat "
+                      "the baselines and beat the production model by the configured margin. "
+                      "Promotion copies the artifact atomically to <state>/production/model; a "
+                      "hold records why. Re-running with the same candidate adds nothing.")
+def promotion_decision(context: dg.AssetExecutionContext, config: PromotionConfig,
+                       bonmf_candidate: dict, baselines: dict, offline_evaluation: dict,
+                       state: StateResource, store: StoreResource) -> dg.MaterializeResult:
+    gate = GateConfig(primary_metric=config.primary_metric,
+                      min_improvement=config.min_improvement, floors=dict(config.floors),
+                      beat_baselines=config.beat_baselines)
+    baseline_means = {v: {k: m["mean"] for k, m in r.items()}
+                      for v, r in baselines["results"].items()}
+    with store.open() as s:
+        production = registry.production_model(s)
+        candidate_id = bonmf_candidate["version_id"]
+        if production is not None and production["id"] == candidate_id:
+            event, created = registry.record_decision(
+                s, candidate_id, decision="promote", reason="already in production",
+                compared={}, production_id=production["id"])
+            decision = event["decision"]
+            reason = f"candidate v{candidate_id} is already the production model"
+            compared = event["compared"] or {}
+        else:
+            d = decide(bonmf_candidate["metrics"],
+                       production["metrics"]["mean"] if production else None, gate,
+                       baseline_means, force=config.force, forced_by=config.forced_by)
+            compared = {**d.compared, "production_version": production and production["id"],
+                        "same_dataset": bool(production) and
+                        production["dataset_hash"] == bonmf_candidate["dataset_hash"]}
+            event, created = registry.record_decision(
+                s, candidate_id, decision=d.decision, reason=d.reason, compared=compared,
+                production_id=production and production["id"],
+                forced_by=config.forced_by if config.force else None, run_id=context.run.run_id,
+                production_dir=state.production_dir if d.promoted else None)
+            decision, reason = d.decision, d.reason
+        now = registry.production_model(s)
+    context.log.info(f"gate: {decision} — {reason}")
+    return dg.MaterializeResult(
+        value={"decision": decision, "reason": reason, "candidate_version": candidate_id,
+               "production_version": now and now["id"], "event_id": event["id"],
+               "new_event": created, "production_path": str(state.production_dir)
+               if now else None, "compared": compared},
+        metadata={"decision": decision, "reason": reason, "candidate_version": candidate_id,
+                  "production_version": now["id"] if now else "none",
+                  "promotion_event": event["id"], "new_event": created,
+                  "production_path": dg.MetadataValue.path(str(state.production_dir)),
+                  "compared": dg.MetadataValue.json(compared)})

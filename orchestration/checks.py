@@ -1,0 +1,102 @@
+"""Data-quality checks on the raw snapshot (Great Expectations, via `data_checks`).
+
+One validation computes all four checks; each becomes its own asset check result. ERROR checks
+(interactions, catalog, referential) are blocking: when one fails, nothing downstream of the
+snapshot runs in that run, so the last accepted data, the registry's models and the production
+model stay as they were. Drift is a WARN check and never blocks.
+"""
+
+
+import json
+
+import dagster as dg
+
+from bonmf_core import registry
+from bonmf_core.snapshot import load_snapshot
+
+from .assets.ingest import dataset_snapshot
+from .resources import ParamsResource, StateResource, StoreResource
+
+ERROR_CHECKS = {
+    "interactions": "schema and types, non-null ids, ratings within the scale, plausible "
+                    "timestamps, no duplicate (user, item, time) rows, enough interactions "
+                    "per user",
+    "catalog": "unique item ids, non-empty titles, text coverage and readable-image ratio "
+               "above their thresholds",
+    "referential": "every interaction's item is in the catalog and its user in the users table",
+}
+DRIFT = "rating distribution, share of new items/users and volume against the previous " \
+        "accepted snapshot"
+
+SPECS = [dg.AssetCheckSpec(name, asset=dataset_snapshot, description=desc, blocking=True)
+         for name, desc in ERROR_CHECKS.items()]
+SPECS.append(dg.AssetCheckSpec("drift", asset=dataset_snapshot, description=DRIFT,
+                               blocking=False))
+
+
+def thresholds_from_params(params: dict, rating_scale) -> tuple[dict, bool]:
+    section = dict(params["checks"])
+    docs = bool(section.pop("data_docs", False))
+    if section.get("rating_scale") is None:
+        section["rating_scale"] = list(rating_scale) if rating_scale else None
+    return section, docs
+
+
+@dg.multi_asset_check(specs=SPECS, name="snapshot_checks", compute_kind="great_expectations",
+                      description="Great Expectations suites over the raw snapshot; the "
+                                  "outcome is recorded with the snapshot in the registry.")
+def snapshot_checks(context: dg.AssetCheckExecutionContext, dataset_snapshot: dict,
+                    params: ParamsResource, state: StateResource, store: StoreResource):
+    from data_checks import validate_snapshot
+
+    raw = load_snapshot(dataset_snapshot["path"])
+    digest = dataset_snapshot["content_hash"]
+    thresholds, docs = thresholds_from_params(params.load(), raw.rating_scale)
+    with store.open() as s:
+        previous = registry.last_accepted_snapshot(s, exclude=digest)
+    result = validate_snapshot(raw.interactions, raw.items, raw.users, thresholds,
+                               previous_profile=previous and previous["profile"],
+                               docs_dir=state.folder("data_docs", digest) if docs else None)
+    report = result.to_dict()
+    with store.open() as s:
+        registry.record_validation(s, digest, report, result.passed, result.profile)
+    context.log.info(f"snapshot {digest}: passed={result.passed} "
+                     f"blocking={report['blocking']} warnings={report['warnings']}")
+    for outcome in result.checks:
+        yield dg.AssetCheckResult(
+            asset_key=dataset_snapshot_key(), check_name=outcome.name, passed=outcome.passed,
+            severity=(dg.AssetCheckSeverity.ERROR if outcome.severity == "ERROR"
+                      else dg.AssetCheckSeverity.WARN),
+            description=outcome.description,
+            metadata=_check_metadata(outcome, report, previous))
+
+
+def dataset_snapshot_key() -> dg.AssetKey:
+    return dg.AssetKey("dataset_snapshot")
+
+
+def _check_metadata(outcome, report: dict, previous: dict | None) -> dict:
+    failures = outcome.failures
+    meta = {
+        "summary": outcome.description,
+        "failed_expectations": len(failures),
+        "unexpected_rows": sum(int(f.get("unexpected_count") or 0) for f in failures),
+        "statistics": dg.MetadataValue.json(_jsonable(outcome.statistics)),
+    }
+    if failures:
+        lines = ["| expectation | columns | unexpected | example |", "|---|---|---|---|"]
+        for f in failures:
+            example = json.dumps(f["examples"][0], default=str)[:160] if f["examples"] else ""
+            lines.append(f"| {f['description']} | {', '.join(f['columns'])} | "
+                         f"{f.get('unexpected_count') or ''} | `{example}` |")
+        meta["failures"] = dg.MetadataValue.md("\n".join(lines))
+        meta["failure_details"] = dg.MetadataValue.json(_jsonable(failures))
+    if outcome.name == "drift":
+        meta["compared_with"] = previous["content_hash"] if previous else "none (first snapshot)"
+    if report.get("docs_index"):
+        meta["data_docs"] = dg.MetadataValue.path(report["docs_index"])
+    return meta
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,132 @@
+"""Run the whole graph in-process (what `bonmf run` and the benchmark do).
+
+`dagster.materialize`-style in-process execution of the `retrain` job against a persistent
+Dagster instance in `<state dir>/dagster` (telemetry off), so the runs, their metadata and
+check results show up in the UI afterwards (`ui_command()`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+
+
+def prepare_dagster_home(state: Path) -> Path:
+    """`<state>/dagster` with a dagster.yaml that turns telemetry off; exported as DAGSTER_HOME."""
+    home = Path(state) / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def ui_command(state: Path, params_path: str | None = None) -> str:
+    env = f"DAGSTER_HOME={Path(state) / 'dagster'} BONMF_STATE_DIR={state}"
+    if params_path:
+        env += f" BONMF_PARAMS={params_path}"
+    return f"{env} .venv/bin/dagster dev -m orchestration.definitions"
+
+
+def step_seconds(instance, run_id: str) -> dict[str, float]:
+    """Wall seconds per step (asset or check) of a run, from its event log."""
+    import dagster as dg
+
+    starts, ends = {}, {}
+    for record in instance.get_records_for_run(run_id, limit=100_000).records:
+        entry = record.event_log_entry
+        event = entry.dagster_event
+        if event is None or not entry.step_key:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            starts[entry.step_key] = entry.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS,
+                                  dg.DagsterEventType.STEP_FAILURE):
+            ends[entry.step_key] = entry.timestamp
+    return {k: round(ends[k] - starts[k], 3) for k in starts if k in ends}
+
+
+def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | None = None,
+                 store_url: str | None = None, force: bool = False,
+                 forced_by: str | None = None, tags: dict | None = None,
+                 log_level: str = "INFO") -> dict:
+    """Materialize every asset (and its checks) in-process; → a summary dict.
+
+    summary: success, run_id, seconds, steps (seconds per step), failed_steps, checks (name →
+    passed), and on success the evaluation (table, report paths), the candidate and the gate
+    decision. A failed run is recorded in the store's run_failures table.
+    """
+    from bonmf_core.settings import state_dir
+
+    state = Path(state).resolve() if state else state_dir()
+    os.environ["BONMF_STATE_DIR"] = str(state)
+    prepare_dagster_home(state)
+
+    import dagster as dg
+
+    from .config import run_config_from_params
+    from .definitions import build_definitions
+    from .resources import StoreResource
+    from .sensors import record_failed_run
+
+    defs = build_definitions(params_path=params_path, state_root=str(state), store_url=store_url)
+    job = defs.resolve_job_def("retrain")
+    started = time.perf_counter()
+    run_config = run_config_from_params(params, force=force, forced_by=forced_by)
+    run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            run_config=run_config,
+            instance=instance, raise_on_error=False,
+            tags={"bonmf/trigger": "cli", **(tags or {})})
+        seconds = time.perf_counter() - started
+        summary: dict = {"success": result.success, "run_id": result.run_id,
+                         "seconds": round(seconds, 3),
+                         "steps": step_seconds(instance, result.run_id),
+                         "state_dir": str(state), "dagster_home": os.environ["DAGSTER_HOME"],
+                         "ui": ui_command(state, params_path)}
+        summary["checks"] = {
+            e.asset_check_evaluation_data.check_name: {
+                "passed": e.asset_check_evaluation_data.passed,
+                "severity": e.asset_check_evaluation_data.severity.value,
+                "description": e.asset_check_evaluation_data.description}
+            for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+        summary["failed_steps"] = [e.step_key for e in result.all_events
+                                   if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        if not result.success:
+            failure = next((e for e in result.all_events
+                            if e.event_type == dg.DagsterEventType.STEP_FAILURE), None)
+            message = _failure_message(failure)
+            summary["error"] = message
+            record_failed_run(StoreResource(url=store_url), instance.get_run_by_id(result.run_id),
+                              message, instance)
+            return summary
+    snapshot = result.output_for_node("dataset_snapshot")
+    evaluation = result.output_for_node("offline_evaluation")
+    candidate = result.output_for_node("bonmf_candidate")
+    decision = result.output_for_node("promotion_decision")
+    summary.update(
+        snapshot=snapshot["content_hash"],
+        dataset=result.output_for_node("validated_dataset")["dataset_hash"],
+        table=evaluation["table"], report=evaluation["report"],
+        results=evaluation["results"],
+        candidate={k: candidate[k] for k in ("variant", "version_id", "artifact_path",
+                                             "artifact_sha256", "metrics")},
+        fits_reused=sum(f["reused"] for f in candidate["fits"]),
+        fits_total=len(candidate["fits"]),
+        decision=decision)
+    return summary
+
+
+def _failure_message(event) -> str:
+    """The innermost error of a step failure (the user code's, not Dagster's wrapper)."""
+    if event is None or event.step_failure_data is None or event.step_failure_data.error is None:
+        return "run failed"
+    error = event.step_failure_data.error
+    while error.cause is not None:
+        error = error.cause
+    return f"{event.step_key}: {error.message.strip()}"
