@@ -56,6 +56,7 @@ def build_bonmf(dataset: Dataset, modalities, model_params: dict,
         n_users=dataset.n_users, n_items=dataset.n_items, modalities=tuple(modalities),
         gmf_dim=model_params["gmf_dim"], mlp_layers=tuple(model_params["mlp_layers"]),
         content_hidden=model_params["content_hidden"],
+        content_dim=model_params["content_dim"],
         feature_dims={m: int(features[m].shape[1]) for m in modalities if m != "id"},
         user_attribute_cardinalities=tuple(int(c) for c in attrs.max(0) + 1) if attrs is not None else (),
         id_dropout=model_params["id_dropout"], dropout=model_params["dropout"])

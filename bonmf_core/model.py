@@ -26,6 +26,7 @@ class BoNMFConfig:
     mlp_layers: tuple[int, ...] = (128, 64, 32)  # first entry = concatenated embedding width
     feature_dims: dict[str, int] = field(default_factory=dict)  # modality -> input width
     content_hidden: int = 256
+    content_dim: int = 128     # content features are PCA-reduced to this width (0 = keep)
     user_attribute_cardinalities: tuple[int, ...] = ()
     id_dropout: float = 0.0
     dropout: float = 0.0
@@ -50,6 +51,30 @@ class BoNMFConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "BoNMFConfig":
         return cls(**data)
+
+
+@torch.no_grad()
+def _pca_basis(features: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, basis) so that (x - mean) @ basis keeps the top-`dim` principal directions,
+    scaled so a typical reduced row has unit norm.
+
+    Pretrained vectors are wide (384 text, 1280 image) and every training batch projects
+    almost the whole catalog: reducing them once makes the content path ~10× cheaper
+    (ML-1M text+image: 181 s → about 15 s per epoch) and centres them. Rows without content
+    (all zeros: a missing poster) do not shape the basis.
+    """
+    rows = features[features.abs().sum(1) > 0]
+    if len(rows) == 0:
+        rows = features
+    mean = rows.mean(0)
+    centred = rows - mean
+    if dim >= features.shape[1]:
+        basis = torch.eye(features.shape[1])
+    else:
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        basis = vh[:dim].T.contiguous()
+    scale = (centred @ basis).pow(2).sum(1).mean().sqrt().clamp(min=1e-12)
+    return mean, basis / scale
 
 
 def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
@@ -78,8 +103,9 @@ class BoNMF(nn.Module):
         # Each content modality is projected to the same width as the ID embedding (GMF part ⊕
         # MLP part), so ID and content vectors add up.
         content = [m for m in c.modalities if m != "id"]
-        self.content = nn.ModuleDict({m: _content_projection(c.feature_dims[m], c.content_hidden,
-                                                             width) for m in content})
+        self.content = nn.ModuleDict({m: _content_projection(self._reduced_dim(m),
+                                                             c.content_hidden, width)
+                                      for m in content})
         layers: list[nn.Module] = []
         for a, b in zip(c.mlp_layers[:-1], c.mlp_layers[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -96,6 +122,10 @@ class BoNMF(nn.Module):
                 raise ValueError(f"feature matrix for '{m}' must be {c.n_items}×"
                                  f"{c.feature_dims[m]}")
             self.register_buffer(f"feat_{m}", feat)
+            mean, basis = _pca_basis(feat, self._reduced_dim(m))
+            self.register_buffer(f"reduce_mean_{m}", mean)
+            self.register_buffer(f"reduce_basis_{m}", basis)
+        self._reduced_cache: dict[str, tuple] = {}
         if c.user_attribute_cardinalities:
             if user_attributes is None or tuple(user_attributes.shape) != (
                     c.n_users, len(c.user_attribute_cardinalities)):
@@ -103,6 +133,29 @@ class BoNMF(nn.Module):
             self.register_buffer("user_attributes", user_attributes.long())
         self.register_buffer("warm_items", torch.ones(c.n_items, dtype=torch.bool))
         self.reset_parameters()
+
+    def _reduced_dim(self, modality: str) -> int:
+        raw, dim = self.config.feature_dims[modality], self.config.content_dim
+        return raw if not dim or dim >= raw else dim
+
+    def reduce_features(self, modality: str, raw: torch.Tensor) -> torch.Tensor:
+        """Raw content vectors (…, raw dim) → the reduced space the projections read.
+
+        Public so new items (cold start at serving time) go through the same transform.
+        """
+        return (raw - getattr(self, f"reduce_mean_{modality}")) @ getattr(
+            self, f"reduce_basis_{modality}")
+
+    def _reduced(self, modality: str) -> torch.Tensor:
+        """The catalog's reduced features, recomputed only when a buffer changed (load)."""
+        bufs = [getattr(self, f"{p}_{modality}") for p in ("feat", "reduce_mean", "reduce_basis")]
+        stamp = tuple((b.data_ptr(), b._version) for b in bufs)
+        cached = self._reduced_cache.get(modality)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                cached = (stamp, self.reduce_features(modality, bufs[0]))
+            self._reduced_cache[modality] = cached
+        return cached[1]
 
     def reset_parameters(self) -> None:
         embeddings = [self.user_embedding, *self.user_attr]
@@ -147,7 +200,7 @@ class BoNMF(nn.Module):
             for m, project in self.content.items():
                 # embedding() as the gather: its backward is ~8× faster on CPU than that of
                 # advanced indexing (index_put with accumulation).
-                v = nn.functional.embedding(inverse, project(getattr(self, f"feat_{m}")[uniq]))
+                v = nn.functional.embedding(inverse, project(self._reduced(m)[uniq]))
                 vec = v if vec is None else vec + v
         return vec
 

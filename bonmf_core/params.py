@@ -29,6 +29,7 @@ DEFAULT_PARAMS: dict = {
         "gmf_dim": 64,
         "mlp_layers": [128, 64, 32],
         "content_hidden": 256,
+        "content_dim": 128,        # PCA width of each content modality before its projection
         "id_dropout": 0.3,         # only where content features exist
         "dropout": 0.0,
         "user_attributes": False,  # add user attribute embeddings where the dataset has them
