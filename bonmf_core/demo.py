@@ -85,7 +85,7 @@ def demo_dataset(seed: int = 0, n_users: int = 3000, n_items: int = 1000,
                  ) -> Dataset:
     """Generate the demo dataset. Same arguments, same data (and same pictures on disk).
 
-    Pictures go to `image_dir` (default: `<state dir>/demo/seed-<seed>-<n_items>/images`).
+    Pictures go to `image_dir` (default: `<state dir>/demo/seed-<seed>-<users>x<items>/images`).
     """
     rng = np.random.default_rng(seed)
     n_themes = len(THEMES)
@@ -136,7 +136,7 @@ def demo_dataset(seed: int = 0, n_users: int = 3000, n_items: int = 1000,
         pictures.append(_draw_picture(rng, mix))
 
     folder = Path(image_dir) if image_dir else (
-        state_dir() / "demo" / f"seed-{seed}-{n_items}" / "images")
+        state_dir() / "demo" / f"seed-{seed}-{n_users}x{n_items}" / "images")  # pictures depend on both
     image_paths = _write_pictures(pictures, folder)
     items_df = pd.DataFrame({"item_id": [f"d{i}" for i in range(n_items)], "title": titles,
                              "genres": genres, "image_path": image_paths,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from .experiment import BASELINES, fit_variant, modalities_of
 from .metrics import mean_std
 from .splits import Split
 
-log = logging.getLogger("bonmf.pipeline")
 
 CACHE_VERSION = 1
 
@@ -31,33 +29,40 @@ def array_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
 
 
-def fit_key(variant: str, dataset_hash: str, split: Split, params: dict, seed: int,
-            feature_hashes: dict[str, str]) -> str:
-    """Everything that determines a fit's result, hashed."""
+def fit_spec(variant: str, dataset_hash: str, split: Split, params: dict, seed: int,
+             feature_hashes: dict[str, str]) -> dict:
+    """Everything that determines a fit's result."""
     used = [m for m in modalities_of(variant) if m != "id"]
     section = params["bpr"] if variant == "bpr" else params["train"]
     spec = {"v": CACHE_VERSION, "variant": variant, "seed": seed, "dataset": dataset_hash,
             "split": split.describe(), "features": {m: feature_hashes.get(m) for m in used},
             "train": section, "metric": params["train"]["metric"],
             "model": params["model"] if variant not in BASELINES else None}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+
+def fit_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def fit_cached(variant: str, dataset: Dataset, split: Split, params: dict, seed: int,
                features: dict[str, np.ndarray], ks, cache_root: str | Path,
-               dataset_hash: str | None = None) -> dict:
+               dataset_hash: str | None = None, feature_ids: dict[str, str] | None = None
+               ) -> dict:
     """Fit + evaluate on the split's test set, or reuse the saved result of the same fit.
 
     Returns {"key", "variant", "seed", "metrics", "artifact_path" (BoNMF only), "reused",
     "best_epoch", "seconds"}. BoNMF models are saved as artifacts (`save_model`), baselines
-    keep only their metrics.
+    keep only their metrics. `feature_ids`: what identifies each content matrix (e.g. the
+    encoder identity and the dataset hash); default: a hash of its bytes.
     """
     from .artifacts import save_model
     from .evaluation import evaluate
 
     dataset_hash = dataset_hash or dataset.content_hash()
-    key = fit_key(variant, dataset_hash, split, params, seed,
-                  {m: array_sha256(f) for m, f in features.items()})
+    ids = {m: (feature_ids or {}).get(m) or array_sha256(f) for m, f in features.items()}
+    spec = fit_spec(variant, dataset_hash, split, params, seed, ids)
+    key = fit_key(spec)
     folder = Path(cache_root) / key
     result_path = folder / "result.json"
     if result_path.exists():
@@ -73,7 +78,7 @@ def fit_cached(variant: str, dataset: Dataset, split: Split, params: dict, seed:
     metrics.update(fit_s=fit_s, eval_s=time.perf_counter() - t0)
     result = {"key": key, "variant": variant, "seed": seed, "metrics": metrics,
               "artifact_path": None, "best_epoch": None, "dataset_hash": dataset_hash,
-              "split": split.describe()}
+              "split": split.describe(), "spec": spec}
     if train_result is not None:
         metrics.update(best_epoch=train_result.best_epoch, epochs_run=train_result.epochs_run,
                        samples_per_s=train_result.samples_per_s)

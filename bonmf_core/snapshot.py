@@ -18,9 +18,7 @@ checks pass. So this module:
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -158,8 +156,8 @@ def read_raw_movielens(directory: str | Path) -> RawTables:
     if overviews.exists():
         text = pd.read_csv(overviews, dtype=str, keep_default_na=False, on_bad_lines="skip")
         if "movieId" in text.columns:
-            text = text.drop_duplicates("movieId").set_index(text["movieId"].str.strip()
-                                                            .drop_duplicates())
+            text = (text.assign(movieId=text["movieId"].str.strip())
+                    .drop_duplicates("movieId").set_index("movieId"))
             for src, dst in (("tmdb_overview", "overview"), ("tmdb_keywords", "keywords")):
                 if src in text.columns:
                     items[dst] = _str(text[src].reindex(items["item_id"]).fillna("").to_numpy())

@@ -9,6 +9,7 @@ the CLI can run the graph with any params file and overrides.
 from __future__ import annotations
 
 import copy
+import os
 
 import dagster as dg
 
@@ -16,7 +17,9 @@ from bonmf_core.params import load_params
 
 from .resources import REPO_PARAMS
 
-DEFAULTS = load_params(REPO_PARAMS if REPO_PARAMS.exists() else None)
+# BONMF_PARAMS (the file `ParamsResource` reads in the UI) or the repo's params.yaml.
+DEFAULTS = load_params(os.environ.get("BONMF_PARAMS")
+                       or (REPO_PARAMS if REPO_PARAMS.exists() else None))
 _D, _P, _T, _B = DEFAULTS["data"], DEFAULTS["protocol"], DEFAULTS["train"], DEFAULTS["bpr"]
 _E, _G, _X = DEFAULTS["encoders"], DEFAULTS["promotion"], DEFAULTS["pipeline"]
 

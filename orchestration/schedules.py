@@ -3,8 +3,9 @@
 
 import dagster as dg
 
-from .config import DEFAULTS
+from .config import DEFAULTS, run_config_from_params
 from .jobs import retrain_job
+from .resources import ParamsResource
 
 
 def build_schedule(cron: str = DEFAULTS["retrain"]["cron"],
@@ -12,10 +13,11 @@ def build_schedule(cron: str = DEFAULTS["retrain"]["cron"],
     @dg.schedule(name="periodic_retrain", cron_schedule=cron, execution_timezone=timezone,
                  job=retrain_job, default_status=dg.DefaultScheduleStatus.STOPPED,
                  description=f"Retrain on the configured source ({cron}, {timezone}).")
-    def periodic_retrain(context: dg.ScheduleEvaluationContext):
+    def periodic_retrain(context: dg.ScheduleEvaluationContext, params: ParamsResource):
         when = context.scheduled_execution_time
         stamp = when.strftime("%Y-%m-%dT%H:%M") if when else "manual"
         return dg.RunRequest(run_key=f"scheduled-{stamp}",
+                             run_config=run_config_from_params(params.load()),
                              tags={"bonmf/trigger": "schedule", "bonmf/scheduled_for": stamp})
 
     return periodic_retrain

@@ -6,7 +6,7 @@ import dagster as dg
 from bonmf_core import registry
 from bonmf_core.snapshot import source_fingerprint
 
-from .config import DEFAULTS
+from .config import DEFAULTS, run_config_from_params
 from .jobs import retrain_job
 from .resources import ParamsResource, StoreResource
 
@@ -17,13 +17,14 @@ from .resources import ParamsResource, StoreResource
                        "sizes; the demo's arguments) and requests a retrain whose run key is "
                        "that fingerprint: the same data never trains twice.")
 def new_data_sensor(context: dg.SensorEvaluationContext, params: ParamsResource):
-    data = params.load()["data"]
+    loaded = params.load()
+    data = loaded["data"]
     fingerprint = source_fingerprint(data["source"], data["demo_seed"], data["demo_users"],
                                      data["demo_items"])
     if context.cursor == fingerprint:
         return dg.SkipReason(f"source {data['source']} unchanged ({fingerprint})")
     context.update_cursor(fingerprint)
-    return dg.RunRequest(run_key=fingerprint,
+    return dg.RunRequest(run_key=fingerprint, run_config=run_config_from_params(loaded),
                          tags={"bonmf/trigger": "new_data", "bonmf/source_fingerprint": fingerprint})
 
 

@@ -20,9 +20,21 @@ from test_registry import write_movielens
 
 TINY = {"data": {"demo_users": 300, "demo_items": 250},
         "encoders": {"source": "basic"},
-        "train": {"epochs": 3, "batch_size": 512, "patience": 2},
+        "train": {"epochs": 3, "batch_size": 1024, "lr": 0.01, "patience": 2, "refit": False},
         "bpr": {"epochs": 2},
         "pipeline": {"candidates": ["id", "text+image"], "baselines": ["pop"]}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny batches on a shared 2-core machine: one intra-op thread avoids OpenMP barrier
+    stalls when other processes hold the cores (same results, many times faster there)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +203,18 @@ def test_corrupted_snapshot_is_blocked_and_changes_nothing(first_run, state, tmp
 
 
 def test_schedule_requests_one_retrain_per_tick():
+    from orchestration.resources import ParamsResource
     from orchestration.schedules import build_schedule, periodic_retrain
 
     when = dt.datetime(2026, 3, 2, 3, 0, tzinfo=dt.timezone.utc)
-    with dg.build_schedule_context(scheduled_execution_time=when) as context:
+    with dg.build_schedule_context(scheduled_execution_time=when,
+                                   resources={"params": ParamsResource()}) as context:
         result = periodic_retrain.evaluate_tick(context)
     assert len(result.run_requests) == 1
     request = result.run_requests[0]
     assert request.run_key == "scheduled-2026-03-02T03:00"
     assert request.tags["bonmf/trigger"] == "schedule"
+    assert request.run_config["ops"]["dataset_snapshot"]["config"]["source"] == "demo"
     assert build_schedule("*/10 * * * *", "Europe/Paris").cron_schedule == "*/10 * * * *"
 
 
@@ -217,6 +232,8 @@ def test_new_data_sensor_requests_once_per_content(tmp_path):
     assert len(first.run_requests) == 1
     key = first.run_requests[0].run_key
     assert first.cursor == key and first.run_requests[0].tags["bonmf/source_fingerprint"] == key
+    ops = first.run_requests[0].run_config["ops"]
+    assert ops["dataset_snapshot"]["config"]["source"] == str(folder)
 
     with dg.build_sensor_context(cursor=key, resources=resources) as context:
         second = new_data_sensor.evaluate_tick(context)

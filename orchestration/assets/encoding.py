@@ -48,6 +48,7 @@ def _encode(context, modality: str, validated_dataset: dict, config: EncodingCon
     context.log.info(f"{modality}: {shown}")
     return dg.MaterializeResult(
         value={"modality": modality, "path": str(out), "dim": int(vectors.shape[1]),
+               "identity": f"{validated_dataset['snapshot_hash']}/{out.stem}",
                "present": int(np.asarray(present).sum()), "encoder": manifest.get("encoder")},
         metadata={"path": dg.MetadataValue.path(str(out)), "dim": int(vectors.shape[1]),
                   "items": int(vectors.shape[0]),

@@ -22,8 +22,11 @@ def _features(variants, text_embeddings: dict, image_embeddings: dict) -> dict:
     from bonmf_core.experiment import modalities_of
 
     wanted = {m for v in variants for m in modalities_of(v)} - {"id"}
-    files = {"text": text_embeddings["path"], "image": image_embeddings["path"]}
-    return {m: np.load(files[m], allow_pickle=False) for m in sorted(wanted)}
+    files = {"text": text_embeddings, "image": image_embeddings}
+    # Identified by encoder and data (the file name holds the dataset hash and the encoder
+    # settings), not by the float bytes: a cold encode and a cache read are the same features.
+    ids = {m: f"{files[m]['identity']}" for m in wanted}
+    return {m: np.load(files[m]["path"], allow_pickle=False) for m in sorted(wanted)}, ids
 
 
 @dg.asset(group_name="training", kinds={"numpy"},
@@ -46,15 +49,15 @@ def splits(context: dg.AssetExecutionContext, config: SplitConfig, validated_dat
                   "train_rows": described[0]["train"], "test_rows": described[0]["test"]})
 
 
-def _fit_all(context, variants, dataset, splits: dict, params: dict, features: dict, state):
+def _fit_all(context, variants, dataset, splits: dict, params: dict, features: tuple, state):
     from bonmf_core.pipeline import fit_cached
 
     fits = []
     for split in splits["splits"]:
         for variant in variants:
-            fit = fit_cached(variant, dataset, split, params, split.seed, features,
+            fit = fit_cached(variant, dataset, split, params, split.seed, features[0],
                              splits["protocol"]["ks"], state.folder("training"),
-                             dataset_hash=splits["dataset_hash"])
+                             dataset_hash=splits["dataset_hash"], feature_ids=features[1])
             context.log.info(f"{variant} seed {split.seed}: "
                              f"{'reused' if fit['reused'] else 'trained'} "
                              f"{ {k: round(v, 4) for k, v in fit['metrics'].items() if '@' in k} }")
