@@ -168,3 +168,20 @@ def test_unknown_encoder_setting_refused():
     with pytest.raises(ValueError, match="text_modle"):
         EncoderSettings.from_params({"text_modle": "x"})
     assert EncoderSettings.from_params({"text_fields": ["title"]}).text_fields == ("title",)
+
+
+def test_cold_items_recommended_through_pretrained_content(small_demo, store):
+    """BoNMF text+image on encoder vectors ranks never-seen items far above chance."""
+    from bonmf_core.evaluation import evaluate
+    from bonmf_core.experiment import fit_variant
+    from bonmf_core.params import load_params
+    from bonmf_core.splits import cold_item_split
+
+    data = with_content_features(small_demo, encode_catalog(small_demo, store, SETTINGS))
+    split = cold_item_split(data, seed=0)
+    params = load_params(overrides={"train": {"epochs": 6, "refit": False}})  # small data: small batches
+    model, _ = fit_variant("text+image", data, split, params, 0, data.features)
+    got = evaluate(model, split, "test", (10,))
+    # Chance: a random top 10 of the cold candidates holds 10/|candidates| of a user's items.
+    chance = 10 / len(split.cold_test_items)
+    assert got["recall@10"] > 3 * chance, (got, chance)
