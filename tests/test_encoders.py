@@ -164,3 +164,15 @@ def test_precision_choice():
     assert resolve_precision(torch.device("cpu"), "auto") in ("bf16", "fp32")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision(torch.device("cpu"), "int4")
+
+
+def test_text_model_from_a_local_folder_is_a_configuration_change(text_encoder):
+    """A folder (or hub name such as roberta-base where the hub is reachable) replaces the
+    default by configuration; the same weights give the same vectors and weights hash."""
+    from bonmf_core.encoders import default_text_model_path
+
+    folder = str(default_text_model_path())
+    encoder = TextEncoder(folder, device="cpu", precision="fp32")
+    assert encoder.name == folder and encoder.weights_hash == text_encoder.weights_hash
+    texts = ["a heist thriller in los angeles"]
+    np.testing.assert_allclose(encoder.encode(texts), text_encoder.encode(texts), atol=1e-6)
