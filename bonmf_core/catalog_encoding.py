@@ -44,7 +44,9 @@ class EncoderSettings:
 
     @classmethod
     def from_params(cls, section: dict | None) -> "EncoderSettings":
-        section = dict(section or {})
+        """From params.yaml's `encoders` section (its `source` and `store_url` choose whether
+        and where to encode; they are not encoder settings)."""
+        section = {k: v for k, v in (section or {}).items() if k not in ("source", "store_url")}
         unknown = set(section) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown encoders setting(s): {', '.join(sorted(unknown))}")

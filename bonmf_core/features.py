@@ -89,9 +89,8 @@ def content_features(dataset: Dataset, modalities, encoders: dict | None = None
     embedding cache (see catalog_encoding); `basic` uses the weight-free featurizers. Matrices
     the dataset already carries win either way.
     """
-    encoders = dict(encoders or {"source": "basic"})
-    source = encoders.pop("source", "pretrained")
-    store_url = encoders.pop("store_url", None)
+    encoders = encoders or {"source": "basic"}
+    source = encoders.get("source", "pretrained")
     wanted = [m for m in modalities if m != "id" and m not in dataset.features]
     if source == "basic" or not wanted:
         return basic_content_features(dataset, modalities)
@@ -100,7 +99,7 @@ def content_features(dataset: Dataset, modalities, encoders: dict | None = None
     from .catalog_encoding import EncoderSettings, encode_catalog
     from .store import Store
 
-    store = Store(store_url)
+    store = Store(encoders.get("store_url"))
     try:
         encoded = encode_catalog(dataset, store, EncoderSettings.from_params(encoders), wanted)
     finally:

@@ -261,7 +261,7 @@ def _ml_items(directory: Path, movies: _Table, movie_ids: pd.Series, item_ids: n
     folder = _side_path(directory, posters, "posters")
     if folder is not None and not folder.is_dir():
         raise DataError("posters folder not found", path=folder)
-    found = _poster_paths(folder) if folder is not None else {}
+    found = poster_paths(folder) if folder is not None else {}
     items["image_path"] = _str_column([found.get(i) for i in item_ids])
     overview_path = _side_path(directory, overviews, "overviews_tmdb.csv")
     if overview_path is not None:
@@ -280,7 +280,7 @@ def _side_path(directory: Path, given, auto_name: str) -> Path | None:
     return Path(given)
 
 
-def _poster_paths(folder: Path) -> dict[str, str]:
+def poster_paths(folder: Path) -> dict[str, str]:
     """MovieID -> absolute image path; the first name in sorted order wins on duplicates."""
     root = folder.resolve()
     found: dict[str, str] = {}

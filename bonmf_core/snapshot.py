@@ -30,6 +30,7 @@ import pandas as pd
 from .atomic import atomic_dir
 from .dataset import Dataset
 from .errors import DataError
+from .readers import poster_paths
 
 SNAPSHOT_FORMAT = 1
 ML_RATING_SCALE = (1.0, 5.0)
@@ -150,7 +151,7 @@ def read_raw_movielens(directory: str | Path) -> RawTables:
     items = pd.DataFrame({"item_id": _str(movies["item_id"].str.strip()),
                           "title": _str(movies["title"]), "genres": _str(movies["genres"])})
     posters = directory / "posters"
-    found = _poster_paths(posters) if posters.is_dir() else {}
+    found = poster_paths(posters) if posters.is_dir() else {}
     items["image_path"] = _str([found.get(i) for i in items["item_id"]])
     overviews = directory / "overviews_tmdb.csv"
     if overviews.exists():
@@ -201,16 +202,6 @@ def _split_lines(data: bytes, names, encoding: str, skipped: list) -> pd.DataFra
         elif line.strip():
             skipped.append(1)
     return pd.DataFrame(rows, columns=list(names), dtype=object).astype(str)
-
-
-def _poster_paths(folder: Path) -> dict[str, str]:
-    root = folder.resolve()
-    found: dict[str, str] = {}
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        stem, dot, _ = entry.name.rpartition(".")
-        if dot and stem and entry.is_file():
-            found.setdefault(stem, str(root / entry.name))
-    return found
 
 
 def _str(values) -> pd.Series:

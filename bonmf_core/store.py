@@ -15,6 +15,7 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .schema import SCHEMA_VERSION, Base, SchemaVersion
@@ -84,7 +85,7 @@ class Store:
                 with self.session() as s:
                     apply(s)
         if current < SCHEMA_VERSION:
-            with contextlib.suppress(Exception), self.session() as s:  # a racing opener won
+            with contextlib.suppress(IntegrityError), self.session() as s:  # a racer won
                 s.merge(SchemaVersion(version=SCHEMA_VERSION))
 
     def dispose(self) -> None:

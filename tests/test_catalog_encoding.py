@@ -168,6 +168,8 @@ def test_unknown_encoder_setting_refused():
     with pytest.raises(ValueError, match="text_modle"):
         EncoderSettings.from_params({"text_modle": "x"})
     assert EncoderSettings.from_params({"text_fields": ["title"]}).text_fields == ("title",)
+    # The whole params section is accepted: source/store_url choose whether and where.
+    assert EncoderSettings.from_params({"source": "pretrained", "store_url": None}) == EncoderSettings()
 
 
 def test_cold_items_recommended_through_pretrained_content(small_demo, store):

@@ -30,8 +30,7 @@ def _encode(context, modality: str, validated_dataset: dict, config: EncodingCon
     elif section["source"] == "pretrained":
         from bonmf_core.catalog_encoding import EncoderSettings, encode_catalog
 
-        settings = EncoderSettings.from_params(
-            {k: v for k, v in section.items() if k not in ("source", "store_url")})
+        settings = EncoderSettings.from_params(section)
         with store.open() as s:
             encoded = encode_catalog(dataset, s, settings, (modality,))[modality]
         vectors, present, manifest = encoded.vectors, encoded.present, encoded.manifest
