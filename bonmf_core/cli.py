@@ -48,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="also copy the report (metrics.json/.md/.png) and the candidate "
                           "model here")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    package = sub.add_parser(
+        "package", help="save a model into the BentoML store, build the Bento in bentos/ "
+                        "and export it as a .bento archive (skipped when unchanged)")
+    package.add_argument("--model", default=None,
+                         help="model artifact folder (default: <state>/production/model)")
+    package.add_argument("--dataset", default=None,
+                         help="the saved dataset it was trained on (default: found in "
+                              "<state>/datasets by the model's dataset hash)")
+    package.add_argument("--out", default=None,
+                         help="folder for the .bento archive and bento.json "
+                              "(default: <state>/artifacts/bento)")
+    package.add_argument("--params", default=None, help="params.yaml (encoders, serving)")
+    package.add_argument("--no-build", action="store_true",
+                         help="only save the BentoML model; no Bento, no archive")
     return p
 
 
@@ -97,7 +111,15 @@ def build_params(args) -> dict:
     return params
 
 
+def _package(args) -> int:
+    from bentos.packaging import package_cli  # imports BentoML: only for `package`
+
+    return package_cli(args)
+
+
 def _run(args) -> int:
+    if args.command == "package":
+        return _package(args)
     params = build_params(args)
     from orchestration.main import run_pipeline  # imports Dagster: only for `run`
 

@@ -103,6 +103,23 @@ DEFAULT_PARAMS: dict = {
         "timezone": "UTC",
         "sensor_interval_s": 300,          # how often the new-data sensor looks at the source
     },
+    # -- packaging and serving (bentos/, `bonmf package`) ----------------------------------
+    "serving": {
+        "bento_name": "bonmf",             # BentoML model and Bento name
+        "max_k": 1000,                     # largest k a request may ask for
+        "max_liked_items": 1000,           # recommend_for_items: ids per request
+        "max_text_chars": 20000,           # score_new_item: title + text
+        "max_image_bytes": 10485760,       # score_new_item: image upload (10 MiB)
+        "max_batch_size": 64,              # adaptive batching of recommend
+        "max_latency_ms": 20,
+        "workers": 1,
+    },
+    # -- data and model versioning (dvc.yaml, DVC after promotion) -------------------------
+    "dvc": {
+        "remote": None,                    # None = a local folder in the state dir; or s3://…
+        "remote_name": "storage",
+        "push_after_promotion": True,
+    },
 }
 
 

@@ -190,6 +190,28 @@ def list_models(store: Store) -> list[dict]:
         return [_row(r) for r in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
 
 
+def set_bento_tag(store: Store, version_id: int, tag: str) -> dict:
+    """Record the BentoML model tag a version was packaged as."""
+    with store.session() as s:
+        row = s.get(ModelVersion, version_id)
+        if row is None:
+            raise KeyError(f"model version {version_id} is not registered")
+        row.bento_tag = tag
+        s.flush()
+        return _row(row)
+
+
+def record_dvc_hashes(store: Store, version_id: int, hashes: dict) -> dict:
+    """Record the DVC content hashes (data, model, git revision) a version was pushed with."""
+    with store.session() as s:
+        row = s.get(ModelVersion, version_id)
+        if row is None:
+            raise KeyError(f"model version {version_id} is not registered")
+        row.dvc_json = _dumps(hashes)
+        s.flush()
+        return _row(row)
+
+
 # -- promotion --------------------------------------------------------------------------------
 
 def record_decision(store: Store, candidate_id: int, *, decision: str, reason: str,

@@ -13,7 +13,7 @@ from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, LargeBinary, Str
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: model_versions.bento_tag, model_versions.dvc_json
 
 
 def utcnow() -> datetime:
@@ -127,6 +127,10 @@ class ModelVersion(Base):
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The BentoML model-store tag this version was packaged as (bentos/packaging.py).
+    bento_tag: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # The DVC content hashes of the data and model it was versioned with (versioning).
+    dvc_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class PromotionEvent(Base):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -92,5 +92,14 @@ class Store:
         self.engine.dispose()
 
 
+def _add_model_version_columns(session: Session) -> None:
+    """v2: model_versions.bento_tag and .dvc_json (absent from a v1 database; a fresh one
+    already has them from create_all)."""
+    have = {c["name"] for c in inspect(session.connection()).get_columns("model_versions")}
+    for name, sql_type in (("bento_tag", "VARCHAR(256)"), ("dvc_json", "TEXT")):
+        if name not in have:
+            session.execute(text(f"ALTER TABLE model_versions ADD COLUMN {name} {sql_type}"))
+
+
 # (version, function(session)) for revisions after the initial schema, in order.
-_MIGRATIONS: list = []
+_MIGRATIONS: list = [(2, _add_model_version_columns)]
