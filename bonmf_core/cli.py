@@ -148,6 +148,14 @@ def _run(args) -> int:
     print(f"production: " + (f"model version {decision['production_version']} at "
                              f"{decision['production_path']}" if decision["production_version"]
                              else "none yet"))
+    package = summary.get("package") or {}
+    if package.get("packaged"):
+        print(f"bento:      {package.get('bento_tag', package['model_tag'])}"
+              + (f" → {package['archive']}" if package.get("archive") else "")
+              + (" (unchanged)" if package.get("reused") else ""))
+        if package.get("bento_tag"):
+            print(f"serve it:   BENTOML_HOME={package['bentoml_home']} bentoml serve "
+                  f"{package['bento_tag']}")
     print(f"report:     {summary['report']['markdown']} (+ metrics.json, metrics.png)")
     print(f"candidate artifact: {candidate['artifact_path']}")
     print(f"store:      {Path(summary['state_dir']) / 'bonmf.db'}")

@@ -234,7 +234,8 @@ class ImageEncoder:
 
     def __init__(self, model: str = "efficientnet_lite0", weights: str | os.PathLike = "default",
                  device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", data_config: dict | None = None,
+                 fold_batchnorm: bool = True):
         import timm
 
         self.device = pick_device(device)
@@ -248,9 +249,14 @@ class ImageEncoder:
                                            weights_only=True))
             config.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # these weights: [-1, 1]
         elif str(weights) != "hub":
-            self.model.load_state_dict(_load_state_dict(Path(weights)))
+            self._load_file(Path(weights))
+        if data_config:  # preprocessing recorded with exported weights (a serving bundle)
+            config.update({k: tuple(v) if isinstance(v, list) else v
+                           for k, v in data_config.items()})
         self.model.reset_classifier(0)
-        _fold_batchnorm(self.model.eval())
+        self.model.eval()
+        if fold_batchnorm:  # off only to export the weights in timm's own layout
+            _fold_batchnorm(self.model)
         self.model = self.model.to(self.device, _DTYPES[self.precision])
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -261,6 +267,16 @@ class ImageEncoder:
         # On a small CPU box one decoding worker leaves the cores to the convolutions.
         self.workers = (min(8, cores - 1) if self.device.type == "cuda" else min(4, cores - 1)
                         ) if workers is None else workers
+
+    def _load_file(self, path: Path) -> None:
+        """A timm state dict; the classifier head may be absent (it is dropped anyway, and a
+        serving bundle stores the weights without it). Any other missing key is an error."""
+        missing, unexpected = self.model.load_state_dict(_load_state_dict(path), strict=False)
+        head = (getattr(self.model, "pretrained_cfg", None) or {}).get("classifier",
+                                                                      "classifier")
+        stray = [k for k in missing + unexpected if not k.startswith(head)]
+        if stray:
+            raise ValueError(f"{path}: weights do not fit {self.name}: {stray[:5]}")
 
     def _load_in_order(self, state: dict) -> None:
         """Map a state dict with other key names by order (the shapes must all agree)."""

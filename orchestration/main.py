@@ -65,9 +65,12 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
     state = Path(state).resolve() if state else state_dir()
     os.environ["BONMF_STATE_DIR"] = str(state)
     prepare_dagster_home(state)
+    os.environ.setdefault("BENTOML_HOME", str(state / "bentoml"))  # before bentoml imports
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     import dagster as dg
 
+    from .assets.packaging import packaging_run_config
     from .config import run_config_from_params
     from .definitions import build_definitions
     from .resources import StoreResource
@@ -77,6 +80,7 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
     job = defs.resolve_job_def("retrain")
     started = time.perf_counter()
     run_config = run_config_from_params(params, force=force, forced_by=forced_by)
+    run_config["ops"]["bento_package"] = {"config": packaging_run_config(params)}
     run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
@@ -118,7 +122,7 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
                                              "artifact_sha256", "metrics")},
         fits_reused=sum(f["reused"] for f in candidate["fits"]),
         fits_total=len(candidate["fits"]),
-        decision=decision)
+        decision=decision, package=result.output_for_node("bento_package"))
     return summary
 
 

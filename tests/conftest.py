@@ -12,8 +12,11 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_state(tmp_path_factory):
-    """Generated state goes to a temp folder, never into the checkout."""
+    """Generated state goes to a temp folder, never into the checkout; so does BentoML's
+    store (read once per process, at first use), and nothing calls home."""
     os.environ["BONMF_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    os.environ["BENTOML_HOME"] = str(tmp_path_factory.mktemp("bentoml"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 
 @pytest.fixture(scope="session")

@@ -60,11 +60,14 @@ def test_definitions_load_with_the_whole_graph():
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"dataset_snapshot", "validated_dataset", "text_embeddings",
+    assert {"dataset_snapshot", "validated_dataset", "text_embeddings",
                     "image_embeddings", "splits", "bonmf_candidate", "baselines",
-                    "offline_evaluation", "promotion_decision"}
+                    "offline_evaluation", "promotion_decision", "bento_package"} <= keys
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups["dataset_snapshot"] == "ingest" and groups["promotion_decision"] == "promotion"
+    assert groups["bento_package"] == "packaging"
+    assert graph.get(dg.AssetKey("bento_package")).parent_keys >= {
+        dg.AssetKey("promotion_decision")}
     from orchestration.checks import snapshot_checks
 
     assert {k.name for k in graph.asset_check_keys} == {"interactions", "catalog",
@@ -106,6 +109,20 @@ def test_whole_graph_on_the_demo_ends_with_a_promoted_model(first_run, state):
     finally:
         store.dispose()
 
+    # The production model is packaged: a BentoML model (tag in the registry), a Bento and
+    # its .bento archive for handoff.
+    package = s["package"]
+    assert package["packaged"] and not package["reused"]
+    archive = Path(package["archive"])
+    assert archive.exists() and archive.parent == Path(state) / "artifacts" / "bento"
+    from bonmf_core.artifacts import file_sha256
+    assert file_sha256(archive) == package["archive_sha256"]
+    store = _store(state)
+    try:
+        assert registry.production_model(store)["bento_tag"] == package["model_tag"]
+    finally:
+        store.dispose()
+
     # The production model serves: load it back.
     from bonmf_core.artifacts import load_model
     model, meta, ids = load_model(production)
@@ -120,6 +137,10 @@ def test_unchanged_rerun_reuses_everything_and_adds_nothing(first_run, state):
     assert again["fits_reused"] == again["fits_total"]
     assert again["candidate"]["version_id"] == first_run["candidate"]["version_id"]
     assert again["decision"]["new_event"] is False
+    # Same production model: nothing is rebuilt, the same archive is handed off.
+    assert again["package"]["reused"] is True
+    assert again["package"]["bento_tag"] == first_run["package"]["bento_tag"]
+    assert again["package"]["archive_sha256"] == first_run["package"]["archive_sha256"]
     store = _store(state)
     try:
         assert len(registry.list_models(store)) == 1 and len(registry.list_events(store)) == 1

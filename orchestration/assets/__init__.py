@@ -1,10 +1,12 @@
-"""Assets by stage: ingest → encoding → training → evaluation → promotion."""
+"""Assets by stage: ingest → encoding → training → evaluation → promotion → packaging."""
 
 from .encoding import image_embeddings, text_embeddings
 from .evaluation import offline_evaluation
 from .ingest import dataset_snapshot, validated_dataset
+from .packaging import bento_package
 from .promotion import promotion_decision
 from .training import baselines, bonmf_candidate, splits
 
 ALL_ASSETS = [dataset_snapshot, validated_dataset, text_embeddings, image_embeddings, splits,
-              bonmf_candidate, baselines, offline_evaluation, promotion_decision]
+              bonmf_candidate, baselines, offline_evaluation, promotion_decision,
+              bento_package]

@@ -1,0 +1,1 @@
+"""BoNMF packaging (BentoML) and the recommendation service."""

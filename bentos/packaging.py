@@ -1,0 +1,275 @@
+"""Packaging: a model artifact → a BentoML model → a Bento (`service.py`) → a `.bento` archive.
+
+    package(model_dir, dataset_dir, out_dir, params, info)
+
+1. writes a serving bundle (`bonmf_core.serving.write_bundle`: weights, id maps, titles,
+   popularity, seen items, catalog content embeddings, encoder weights) and saves it with
+   `bentoml.models.create`, labelled with the registry version and the artifact's sha256;
+2. builds the Bento from `bentos/service.py` fully offline (`lock_packages: false`: the
+   requirements are the pinned versions installed here, not resolved against an index);
+3. exports it to `<out>/<name>-<version>.bento` and writes `<out>/bento.json` last (atomic):
+   what was packaged, from which artifact, with the archive's sha256.
+
+A second call for the same artifact finds the model, the Bento and the archive by their labels
+and hashes and rebuilds nothing. BentoML's home is `BENTOML_HOME` or `<state>/bentoml`;
+telemetry is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from bonmf_core.artifacts import file_sha256
+from bonmf_core.atomic import write_json
+from bonmf_core.settings import state_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "bentos.service:Recommendations"
+# What the Bento carries of the project: the service and the library it calls.
+INCLUDE = ["bentos/__init__.py", "bentos/service.py", "bonmf_core/**/*.py"]
+# What the service imports at run time, pinned to the versions installed here.
+RUNTIME_PACKAGES = ["torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow",
+                    "safetensors", "pillow", "PyYAML", "tqdm", "transformers", "timm",
+                    "SQLAlchemy", "pydantic", "bentoml"]
+
+
+def configure_bentoml(state: str | Path | None = None) -> Path:
+    """BENTOML_HOME (default `<state>/bentoml`) and no telemetry; before importing bentoml."""
+    home = Path(os.environ.setdefault(
+        "BENTOML_HOME", str(Path(state or state_dir()).resolve() / "bentoml")))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _pinned(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def find_model(name: str, artifact_sha256: str, model_version) -> str | None:
+    """The tag of a BentoML model already saved from this artifact (as this registry
+    version), if any."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        models = bentoml.models.list(name)
+    except NotFound:  # none saved under this name yet
+        return None
+    for model in models:
+        labels = model.info.labels
+        if labels.get("artifact_sha256", "") == artifact_sha256[:63] and \
+                labels.get("model_version", "") == str(model_version or ""):
+            return str(model.tag)
+    return None
+
+
+def save_bento_model(bundle: Path, name: str, labels: dict, metadata: dict) -> str:
+    import bentoml
+
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        shutil.copytree(bundle, model.path, dirs_exist_ok=True)
+    return str(model.tag)
+
+
+def find_bento(name: str, model_tag: str) -> str | None:
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        bentos = bentoml.bentos.list(name)
+    except NotFound:
+        return None
+    for bento in bentos:
+        if bento.info.labels.get("model_tag") == model_tag.replace(":", "-"):
+            return str(bento.tag)
+    return None
+
+
+def build_bento(name: str, model_tag: str, labels: dict) -> str:
+    """`bentoml build` of service.py with the model pinned (offline, no locking)."""
+    import bentoml
+    from bentoml._internal.bento.build_config import BentoEnvSchema
+
+    previous = os.environ.get("BONMF_BENTO_MODEL")
+    os.environ["BONMF_BENTO_MODEL"] = model_tag   # the service resolves its model at import
+    try:
+        bento = bentoml.bentos.build(
+            SERVICE, name=name, build_ctx=str(REPO_ROOT), include=INCLUDE,
+            exclude=["**/__pycache__", "**/*.pyc"],
+            labels={**labels, "model_tag": model_tag.replace(":", "-")},
+            description=f"BoNMF recommendations, model {model_tag}",
+            envs=[BentoEnvSchema(name="BONMF_BENTO_MODEL", value=model_tag)],
+            python={"lock_packages": False, "packages": _pinned(RUNTIME_PACKAGES)},
+            models=[model_tag])
+    finally:
+        if previous is None:
+            os.environ.pop("BONMF_BENTO_MODEL", None)
+        else:
+            os.environ["BONMF_BENTO_MODEL"] = previous
+    return str(bento.tag)
+
+
+def export_bento(bento_tag: str, out: Path) -> Path:
+    """`<out>/<name>-<version>.bento`, written under a temporary name and renamed."""
+    import bentoml
+
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / (bento_tag.replace(":", "-") + ".bento")
+    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        written = Path(bentoml.export_bento(bento_tag, str(tmp), output_format="gz"))
+        os.replace(written, final)
+    finally:
+        for leftover in out.glob(f".{final.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+    return final
+
+
+def _unchanged(out: Path, artifact_sha: str) -> dict | None:
+    """The previous packaging of this artifact, if its archive is intact and its Bento and
+    model are still in the store."""
+    import bentoml
+
+    record_path = out / "bento.json"
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    archive = Path(record.get("archive", ""))
+    if record.get("artifact_sha256") != artifact_sha or not archive.exists():
+        return None
+    try:
+        bentoml.bentos.get(record["bento_tag"])
+        bentoml.models.get(record["model_tag"])
+    except Exception:  # deleted from the store: rebuild
+        return None
+    if file_sha256(archive) != record.get("archive_sha256"):
+        return None
+    return record
+
+
+def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, params: dict,
+            info: dict | None = None, build: bool = True) -> dict:
+    """Package the model trained on the dataset in `dataset_dir` → the record (bento.json).
+
+    `info`: registry facts carried into the model's labels/metadata and the service's
+    `metadata` answer (model_version, metrics, protocol, dataset_hash, code_version, ...).
+    """
+    from bonmf_core.dataset import Dataset
+    from bonmf_core.registry import directory_sha256
+    from bonmf_core.serving import write_bundle
+
+    configure_bentoml()
+    started = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out)
+    name = params["serving"]["bento_name"]
+    artifact_sha = directory_sha256(model_dir)
+    if build:
+        previous = _unchanged(out, artifact_sha)
+        if previous is not None:
+            return {**previous, "reused": True, "seconds": round(time.perf_counter() - started, 3)}
+    info = dict(info or {})
+    model_tag = find_model(name, artifact_sha, info.get("model_version"))
+    if model_tag is None:
+        dataset = Dataset.load(dataset_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = write_bundle(Path(tmp) / "bundle", model_dir, dataset, params["encoders"],
+                                  info=info, limits=params["serving"])
+            labels = {"artifact_sha256": artifact_sha[:63],
+                      "model_version": str(info.get("model_version") or ""),
+                      "variant": str(info.get("variant", "")),
+                      "dataset_hash": str(info.get("dataset_hash", dataset.content_hash()))}
+            # BentoML metadata takes basic types only: nested dicts as JSON strings.
+            metadata = {k: json.dumps(info[k], default=str) for k in (
+                "metrics", "protocol", "code_version", "seed") if info.get(k) is not None}
+            model_tag = save_bento_model(bundle, name, labels, metadata)
+    record = {"model_tag": model_tag, "artifact_sha256": artifact_sha,
+              "model_version": info.get("model_version"), "bentoml_home":
+              os.environ["BENTOML_HOME"]}
+    if build:
+        bento_tag = find_bento(name, model_tag) or build_bento(
+            name, model_tag, {"model_version": str(info.get("model_version", ""))})
+        archive = export_bento(bento_tag, out)
+        record.update(bento_tag=bento_tag, archive=str(archive),
+                      archive_sha256=file_sha256(archive),
+                      archive_bytes=archive.stat().st_size)
+        write_json(out / "bento.json", record)
+    return {**record, "reused": False, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def find_dataset(dataset_hash: str, state: Path) -> Path:
+    """The saved dataset (under `<state>/datasets`) whose content hash is `dataset_hash`."""
+    for meta in sorted((Path(state) / "datasets").glob("*/dataset.json")):
+        if json.loads(meta.read_text()).get("content_hash") == dataset_hash:
+            return meta.parent
+    raise FileNotFoundError(f"no saved dataset with content hash {dataset_hash} under "
+                            f"{Path(state) / 'datasets'}: pass --dataset")
+
+
+def production_info(store_url: str | None = None) -> dict | None:
+    """The registry facts of the production model (None when there is none)."""
+    from bonmf_core import registry
+    from bonmf_core.store import Store
+
+    store = Store(store_url)
+    try:
+        row = registry.production_model(store)
+    finally:
+        store.dispose()
+    if row is None:
+        return None
+    return {"model_version": row["id"], "variant": row["variant"], "metrics": row["metrics"],
+            "protocol": row["protocol"], "dataset_hash": row["dataset_hash"],
+            "code_version": row["code_version"], "artifact_sha256": row["artifact_sha256"],
+            "seed": row["seed"]}
+
+
+def package_cli(args) -> int:
+    """`bonmf package`: the production model by default, any artifact with --model."""
+    from bonmf_core import registry
+    from bonmf_core.params import load_params
+    from bonmf_core.store import Store
+
+    state = state_dir()
+    params = load_params(args.params)
+    model_dir = Path(args.model) if args.model else state / "production" / "model"
+    if not (model_dir / "config.json").exists():
+        print(f"error: {model_dir}: no model artifact (run `bonmf run` until a model is "
+              f"promoted, or pass --model)", file=os.sys.stderr)
+        return 2
+    info = production_info(params["encoders"].get("store_url")) if not args.model else None
+    if info is None:
+        meta = json.loads((model_dir / "config.json").read_text())
+        info = {"variant": meta.get("variant"), "seed": meta.get("seed"),
+                "metrics": meta.get("metrics")}
+    registry_file = model_dir / "registry.json"
+    if registry_file.exists():
+        info.setdefault("dataset_hash", json.loads(registry_file.read_text())["dataset_hash"])
+    dataset_dir = Path(args.dataset) if args.dataset else find_dataset(info["dataset_hash"],
+                                                                         state)
+    out = Path(args.out) if args.out else state / "artifacts" / "bento"
+    record = package(model_dir, dataset_dir, out, params, info, build=not args.no_build)
+    if info.get("model_version") and not args.model:
+        store = Store(params["encoders"].get("store_url"))
+        try:
+            registry.set_bento_tag(store, info["model_version"], record["model_tag"])
+        finally:
+            store.dispose()
+    print(json.dumps({k: v for k, v in record.items() if k != "bentoml_home"}, indent=2))
+    if "archive" in record:
+        print(f"serve it:  BENTOML_HOME={record['bentoml_home']} bentoml serve "
+              f"{record['bento_tag']}")
+    return 0

@@ -1,0 +1,87 @@
+"""Packaging: the production model as a BentoML model, a Bento and a `.bento` archive."""
+
+import copy
+import time
+
+import dagster as dg
+
+from bonmf_core import registry
+from bonmf_core.params import DEFAULT_PARAMS
+
+from ..resources import ParamsResource, StateResource, StoreResource
+
+_E = DEFAULT_PARAMS["encoders"]
+
+
+class PackagingConfig(dg.Config):
+    """The encoders packaged with the model (they must be the ones its features came from:
+    packaging refuses a content model whose features differ) and whether to build the Bento."""
+
+    encoder_source: str = _E["source"]
+    text_model: str = _E["text_model"]
+    image_model: str = _E["image_model"]
+    image_weights: str = str(_E["image_weights"])
+    build: bool = True
+
+    def apply(self, params: dict) -> dict:
+        params = copy.deepcopy(params)
+        params["encoders"].update(source=self.encoder_source, text_model=self.text_model,
+                                  image_model=self.image_model,
+                                  image_weights=self.image_weights)
+        return params
+
+
+def packaging_run_config(params: dict) -> dict:
+    e = params["encoders"]
+    return {"encoder_source": e["source"], "text_model": e["text_model"],
+            "image_model": e["image_model"], "image_weights": str(e["image_weights"])}
+
+
+def _info(row: dict) -> dict:
+    return {"model_version": row["id"], "variant": row["variant"], "metrics": row["metrics"],
+            "protocol": row["protocol"], "dataset_hash": row["dataset_hash"],
+            "code_version": row["code_version"], "artifact_sha256": row["artifact_sha256"],
+            "seed": row["seed"]}
+
+
+@dg.asset(group_name="packaging", kinds={"bentoml"},
+          description="The production model saved into the BentoML model store (weights, id "
+                      "maps, titles, popularity, seen items, catalog embeddings, encoders), "
+                      "built into a Bento from bentos/service.py offline and exported as a "
+                      ".bento archive under <state>/artifacts/bento. Nothing is rebuilt when "
+                      "the production model has not changed; the BentoML tag is recorded in "
+                      "the registry.")
+def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
+                  promotion_decision: dict, validated_dataset: dict, params: ParamsResource,
+                  state: StateResource, store: StoreResource) -> dg.MaterializeResult:
+    from bentos.packaging import configure_bentoml, find_dataset, package
+
+    started = time.perf_counter()
+    with store.open() as s:
+        production = registry.production_model(s)
+    if production is None:
+        context.log.info("no production model: nothing to package")
+        return dg.MaterializeResult(value={"packaged": False},
+                                    metadata={"status": "no production model yet"})
+    configure_bentoml(state.path)
+    dataset_dir = (validated_dataset["path"]
+                   if validated_dataset["dataset_hash"] == production["dataset_hash"]
+                   else find_dataset(production["dataset_hash"], state.path))
+    record = package(state.production_dir, dataset_dir, state.folder("artifacts", "bento"),
+                     config.apply(params.load()), _info(production), build=config.build)
+    with store.open() as s:
+        registry.set_bento_tag(s, production["id"], record["model_tag"])
+    context.log.info(f"model version {production['id']} → {record['model_tag']}"
+                     + (f", bento {record['bento_tag']}" if "bento_tag" in record else "")
+                     + (" (unchanged, reused)" if record["reused"] else ""))
+    metadata = {"model_version": production["id"], "bento_model_tag": record["model_tag"],
+                "reused": record["reused"], "bentoml_home": record["bentoml_home"],
+                "seconds": round(time.perf_counter() - started, 3)}
+    if "bento_tag" in record:
+        metadata.update(bento_tag=record["bento_tag"],
+                        archive=dg.MetadataValue.path(record["archive"]),
+                        archive_sha256=record["archive_sha256"],
+                        archive_mb=round(record["archive_bytes"] / 2**20, 2),
+                        serve=f"BENTOML_HOME={record['bentoml_home']} bentoml serve "
+                              f"{record['bento_tag']}")
+    return dg.MaterializeResult(value={"packaged": True, **record}, metadata=metadata)
