@@ -129,12 +129,12 @@ def export_bento(bento_tag: str, out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     final = out / (bento_tag.replace(":", "-") + ".bento")
-    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    tmp = out / f".tmp-{os.getpid()}-{final.name}"   # `.bento`: BentoML's own (xz) format
     try:
-        written = Path(bentoml.export_bento(bento_tag, str(tmp), output_format="gz"))
+        written = Path(bentoml.export_bento(bento_tag, str(tmp)))
         os.replace(written, final)
     finally:
-        for leftover in out.glob(f".{final.name}.tmp-*"):
+        for leftover in out.glob(f".tmp-*-{final.name}*"):
             leftover.unlink(missing_ok=True)
     return final
 

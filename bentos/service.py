@@ -141,7 +141,9 @@ class Recommendations:
     def score_new_item(self, title: Annotated[str, Field(max_length=MAX_TEXT)] = "",
                        text: Annotated[str, Field(max_length=MAX_TEXT)] = "",
                        genres: Annotated[str, Field(max_length=1000)] = "",
-                       image: Path | None = None, k_users: K = 10, k_items: K = 10,
+                       # `Path = None`, not Optional: BentoML 1.4.40 turns an upload into
+                       # a Path only for a plain Path field (Optional breaks its schema).
+                       image: Path = None, k_users: K = 10, k_items: K = 10,
                        return_embedding: bool = True) -> dict:
         """Cold start: a new item's content → its embeddings, likely users, nearest items.
         Send JSON, or multipart/form-data with an `image` file."""
