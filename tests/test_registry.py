@@ -84,6 +84,34 @@ def test_register_is_idempotent_by_artifact_content(store, tmp_path):
     assert len(registry.list_models(store)) == 1
 
 
+def test_v1_store_migrates_to_v2_keeping_its_rows(tmp_path):
+    """A store written before the bento_tag / dvc_json columns gains them, rows intact."""
+    import sqlite3
+
+    from bonmf_core.schema import SCHEMA_VERSION
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    s = Store(url)
+    v1, _ = _register(s, tmp_path, "a", 0.3)
+    s.dispose()
+    with sqlite3.connect(tmp_path / "old.db") as db:   # make it a v1 database
+        db.execute("ALTER TABLE model_versions DROP COLUMN bento_tag")
+        db.execute("ALTER TABLE model_versions DROP COLUMN dvc_json")
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (1, '2026-01-01')")
+    s = Store(url)
+    try:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        row = registry.get_model(s, v1["id"])
+        assert row["artifact_sha256"] == v1["artifact_sha256"] and row["bento_tag"] is None
+        assert registry.set_bento_tag(s, v1["id"], "bonmf:abc")["bento_tag"] == "bonmf:abc"
+        assert registry.record_dvc_hashes(s, v1["id"], {"data": "md5"})["dvc"] == {"data": "md5"}
+        with pytest.raises(KeyError, match="model version 99"):
+            registry.set_bento_tag(s, 99, "x")
+    finally:
+        s.dispose()
+
+
 def test_promotion_flow_holds_worse_promotes_better(store, tmp_path):
     prod_dir = tmp_path / "production" / "model"
     v1, _ = _register(store, tmp_path, "a", 0.30)
