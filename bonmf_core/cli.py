@@ -62,12 +62,46 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--params", default=None, help="params.yaml (encoders, serving)")
     package.add_argument("--no-build", action="store_true",
                          help="only save the BentoML model; no Bento, no archive")
+    _stage_parser(sub)
+    restore = sub.add_parser(
+        "restore", help="restore the dataset and model of a promoted version into promoted/ "
+                        "(from the DVC remote, verified by hash; nothing changes on failure)")
+    which = restore.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, help="model version id in the registry")
+    which.add_argument("--rev", help="git revision whose promoted/*.dvc to restore")
+    restore.add_argument("--params", default=None,
+                         help="params.yaml (its dvc section: remote, repo); default: built-in")
     return p
+
+
+def _stage_parser(sub) -> None:
+    """`bonmf stage <name>`: one pipeline step on fixed workspace paths (what dvc.yaml runs)."""
+    stage = sub.add_parser("stage", help="run one pipeline stage on workspace paths "
+                                         "(the commands of dvc.yaml)")
+    stages = stage.add_subparsers(dest="stage", required=True)
+    paths = {
+        "snapshot": {"--out": "the raw snapshot folder (pictures copied inside)"},
+        "validate": {"--snapshot": "the raw snapshot folder",
+                     "--out": "the validated dataset folder",
+                     "--report": "the data checks' outcome (JSON)"},
+        "encode": {"--dataset": "the validated dataset folder",
+                   "--out": "the feature folder (text.npy, image.npy, features.json)"},
+        "train": {"--dataset": "the validated dataset folder", "--features": "the feature folder",
+                  "--model": "where the candidate model goes",
+                  "--fits": "every fit's metrics and the training curve (JSON)"},
+        "evaluate": {"--fits": "the train stage's JSON",
+                     "--out": "the report folder (metrics.json/.md/.png, training_curve.json)"},
+    }
+    for name, options in paths.items():
+        parser = stages.add_parser(name)
+        parser.add_argument("--params", default="params.yaml", help="params file")
+        for option, help_text in options.items():
+            parser.add_argument(option, required=True, help=help_text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
         return _run(args)
@@ -117,9 +151,68 @@ def _package(args) -> int:
     return package_cli(args)
 
 
+def _stage(args) -> int:
+    from . import stages
+    from .params import load_params
+
+    # DVC shows each stage's output: this module's progress, not every library's INFO chatter.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("bonmf_core").setLevel(logging.INFO)
+    params = load_params(args.params)
+    if args.stage == "snapshot":
+        stages.run_snapshot(params, args.out)
+    elif args.stage == "validate":
+        stages.run_validate(params, args.snapshot, args.out, args.report)
+    elif args.stage == "encode":
+        stages.run_encode(params, args.dataset, args.out)
+    elif args.stage == "train":
+        stages.run_train(params, args.dataset, args.features, args.model, args.fits)
+    else:
+        out = stages.run_evaluate(params, args.fits, args.out)
+        print(out["table"])
+    return 0
+
+
+def _restore(args) -> int:
+    from . import versioning
+    from .params import load_params
+    from .settings import state_dir
+    from .store import Store
+
+    params = load_params(args.params)
+    settings = versioning.DvcSettings.from_params(params["dvc"])
+    state = state_dir()
+    try:
+        repo = versioning.find_repo(settings, state)
+        if repo is None:
+            raise versioning.VersioningError(
+                f"no DVC repository holds the state folder {state}; set dvc.repo")
+        if args.version is not None:
+            store = Store(params["encoders"]["store_url"])
+            try:
+                hashes = versioning.hashes_of_version(store, args.version)
+            finally:
+                store.dispose()
+            label = f"model version {args.version}"
+        else:
+            hashes, label = versioning.hashes_at_rev(repo, args.rev), f"revision {args.rev}"
+        done = versioning.restore(repo, state, settings, hashes, label)
+    except versioning.VersioningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name in versioning.ARTIFACTS:
+        print(f"restored {repo / done[name]['path']} (md5 {done[name]['md5']})")
+    print(json.dumps(done))
+    return 0
+
+
 def _run(args) -> int:
     if args.command == "package":
         return _package(args)
+    if args.command == "stage":
+        return _stage(args)
+    if args.command == "restore":
+        return _restore(args)
     params = build_params(args)
     from orchestration.main import run_pipeline  # imports Dagster: only for `run`
 

@@ -116,9 +116,12 @@ DEFAULT_PARAMS: dict = {
     },
     # -- data and model versioning (dvc.yaml, DVC after promotion) -------------------------
     "dvc": {
-        "remote": None,                    # None = a local folder in the state dir; or s3://…
+        "remote": None,                    # None = <state dir>/dvc-remote; or s3://…, ssh://…
         "remote_name": "storage",
-        "push_after_promotion": True,
+        "push_after_promotion": True,      # track, push and commit each promoted version
+        "repo": None,                      # None = the git repo holding the state folder
+        "git_commit": True,                # commit the pointer files (promoted/*.dvc)
+        "lock_timeout_s": 600,             # wait this long for another DVC operation
     },
 }
 

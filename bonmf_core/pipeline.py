@@ -83,6 +83,7 @@ def fit_cached(variant: str, dataset: Dataset, split: Split, params: dict, seed:
         metrics.update(best_epoch=train_result.best_epoch, epochs_run=train_result.epochs_run,
                        samples_per_s=train_result.samples_per_s)
         result["best_epoch"] = train_result.best_epoch
+        result["history"] = train_result.history   # the training curve (epochs, validation)
     if variant not in BASELINES:
         artifact = folder / "model"
         save_model(artifact, scorer, user_ids=dataset.user_ids, item_ids=dataset.item_ids,

@@ -12,7 +12,6 @@ import json
 import dagster as dg
 
 from bonmf_core import registry
-from bonmf_core.snapshot import load_snapshot
 
 from .assets.ingest import dataset_snapshot
 from .resources import ParamsResource, StateResource, StoreResource
@@ -34,29 +33,19 @@ SPECS.append(dg.AssetCheckSpec("drift", asset=dataset_snapshot, description=DRIF
                                blocking=False))
 
 
-def thresholds_from_params(params: dict, rating_scale) -> tuple[dict, bool]:
-    section = dict(params["checks"])
-    docs = bool(section.pop("data_docs", False))
-    if section.get("rating_scale") is None:
-        section["rating_scale"] = list(rating_scale) if rating_scale else None
-    return section, docs
-
-
 @dg.multi_asset_check(specs=SPECS, name="snapshot_checks", compute_kind="great_expectations",
                       description="Great Expectations suites over the raw snapshot; the "
                                   "outcome is recorded with the snapshot in the registry.")
 def snapshot_checks(context: dg.AssetCheckExecutionContext, dataset_snapshot: dict,
                     params: ParamsResource, state: StateResource, store: StoreResource):
-    from data_checks import validate_snapshot
+    from bonmf_core import stages
 
-    raw = load_snapshot(dataset_snapshot["path"])
     digest = dataset_snapshot["content_hash"]
-    thresholds, docs = thresholds_from_params(params.load(), raw.rating_scale)
     with store.open() as s:
         previous = registry.last_accepted_snapshot(s, exclude=digest)
-    result = validate_snapshot(raw.interactions, raw.items, raw.users, thresholds,
-                               previous_profile=previous and previous["profile"],
-                               docs_dir=state.folder("data_docs", digest) if docs else None)
+    _, result = stages.validate(dataset_snapshot["path"], params.load()["checks"],
+                                previous_profile=previous and previous["profile"],
+                                docs_root=state.path / "data_docs" / digest)
     report = result.to_dict()
     with store.open() as s:
         registry.record_validation(s, digest, report, result.passed, result.profile)

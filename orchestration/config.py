@@ -22,6 +22,7 @@ DEFAULTS = load_params(os.environ.get("BONMF_PARAMS")
                        or (REPO_PARAMS if REPO_PARAMS.exists() else None))
 _D, _P, _T, _B = DEFAULTS["data"], DEFAULTS["protocol"], DEFAULTS["train"], DEFAULTS["bpr"]
 _E, _G, _X = DEFAULTS["encoders"], DEFAULTS["promotion"], DEFAULTS["pipeline"]
+_V = DEFAULTS["dvc"]
 
 
 class SnapshotConfig(dg.Config):
@@ -125,6 +126,24 @@ class PromotionConfig(dg.Config):
         return params
 
 
+class VersioningConfig(dg.Config):
+    """After a promotion: track the production model and its dataset with DVC, push them to
+    the remote and commit the pointer files (params.yaml `dvc`)."""
+
+    push_after_promotion: bool = _V["push_after_promotion"]
+    remote: str | None = _V["remote"]
+    remote_name: str = _V["remote_name"]
+    repo: str | None = _V["repo"]
+    git_commit: bool = _V["git_commit"]
+    lock_timeout_s: float = _V["lock_timeout_s"]
+
+    def apply(self, params: dict) -> dict:
+        params["dvc"].update(push_after_promotion=self.push_after_promotion,
+                             remote=self.remote, remote_name=self.remote_name, repo=self.repo,
+                             git_commit=self.git_commit, lock_timeout_s=self.lock_timeout_s)
+        return params
+
+
 # asset name -> its config class
 ASSET_CONFIGS: dict[str, type] = {
     "dataset_snapshot": SnapshotConfig,
@@ -134,6 +153,7 @@ ASSET_CONFIGS: dict[str, type] = {
     "bonmf_candidate": CandidateConfig,
     "baselines": BaselineConfig,
     "promotion_decision": PromotionConfig,
+    "versioned_artifacts": VersioningConfig,
 }
 
 
@@ -169,5 +189,6 @@ def run_config_from_params(params: dict, force: bool = False,
                                "floors": {k: float(v) for k, v in g["floors"].items()},
                                "beat_baselines": bool(g["beat_baselines"]),
                                "force": bool(force), "forced_by": forced_by},
+        "versioned_artifacts": {k: params["dvc"][k] for k in VersioningConfig.model_fields},
     }
     return {"ops": {name: {"config": cfg} for name, cfg in ops.items()}}

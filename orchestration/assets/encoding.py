@@ -1,12 +1,12 @@
 """Encoding: text and image embeddings of the catalog, incremental through the embedding cache."""
 
 
-import hashlib
-import json
 import time
 
 import dagster as dg
 import numpy as np
+
+from bonmf_core import stages
 
 from ..config import EncodingConfig, params_with
 from ..resources import ParamsResource, StateResource, StoreResource
@@ -19,28 +19,13 @@ def _encode(context, modality: str, validated_dataset: dict, config: EncodingCon
     started = time.perf_counter()
     section = params_with(config, params.load())["encoders"]
     dataset = Dataset.load(validated_dataset["path"])
-    if section["source"] == "basic":
-        from bonmf_core.features import basic_content_features
-
-        features, report = basic_content_features(dataset, [modality])
-        vectors = features[modality]
-        present = np.abs(vectors).sum(1) > 0
-        manifest = {"encoder": f"basic-{modality}", "dim": int(vectors.shape[1]),
-                    "items": len(vectors), **report.get(modality, {})}
-    elif section["source"] == "pretrained":
-        from bonmf_core.catalog_encoding import EncoderSettings, encode_catalog
-
-        settings = EncoderSettings.from_params(section)
-        with store.open() as s:
-            encoded = encode_catalog(dataset, s, settings, (modality,))[modality]
-        vectors, present, manifest = encoded.vectors, encoded.present, encoded.manifest
-    else:
-        raise dg.Failure(f"encoder_source must be 'pretrained' or 'basic', got "
-                         f"{section['source']!r}")
-    key = hashlib.sha256(json.dumps([manifest.get("encoder"), section], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
-    out = state.folder("features", validated_dataset["dataset_hash"]) / f"{modality}-{key}.npy"
-    np.save(out, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+    try:
+        features = stages.encode(dataset, modality, section, store.url)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    out = features.save(state.folder("features", validated_dataset["dataset_hash"])
+                        / f"{modality}-{features.key}.npy")
+    vectors, present, manifest = features.vectors, features.present, features.manifest
     seconds = time.perf_counter() - started
     shown = {k: v for k, v in manifest.items()
              if isinstance(v, (int, float, str, bool)) and v is not None}

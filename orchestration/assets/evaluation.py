@@ -5,6 +5,8 @@ import base64
 
 import dagster as dg
 
+from bonmf_core import stages
+
 from ..resources import StateResource
 
 
@@ -15,25 +17,16 @@ from ..resources import StateResource
 def offline_evaluation(context: dg.AssetExecutionContext, bonmf_candidate: dict,
                        baselines: dict, splits: dict, validated_dataset: dict,
                        state: StateResource) -> dg.MaterializeResult:
-    from bonmf_core.experiment import format_table
-    from bonmf_core.pipeline import write_report
-
     proto = splits["protocol"]
-    results = {
-        "protocol": proto["name"], "dataset": validated_dataset["name"],
-        "ks": list(proto["ks"]), "seeds": list(proto["seeds"]),
-        "protocol_details": {"splits": [s.describe() for s in splits["splits"]]},
-        "dataset_details": {"content_hash": validated_dataset["dataset_hash"],
-                            **{k: validated_dataset[k] for k in ("users", "items",
-                                                                  "interactions")}},
-        "candidate": {"variant": bonmf_candidate["variant"],
-                      "model_version": bonmf_candidate["version_id"]},
-        "results": {**baselines["results"], **bonmf_candidate["results"]},
-    }
-    table = format_table(results)
-    k = proto["ks"][0]
-    report = write_report(state.path / "reports" / validated_dataset["dataset_hash"], results,
-                          table, [f"hr@{k}", f"ndcg@{k}"], highlight=bonmf_candidate["variant"])
+    results = stages.evaluation_results(
+        proto, [s.describe() for s in splits["splits"]], validated_dataset,
+        {"variant": bonmf_candidate["variant"], "model_version": bonmf_candidate["version_id"]},
+        {**baselines["results"], **bonmf_candidate["results"]})
+    chosen = next(f for f in bonmf_candidate["fits"]
+                  if f["variant"] == bonmf_candidate["variant"])
+    written = stages.evaluate(results, state.path / "reports" / validated_dataset["dataset_hash"],
+                              stages.training_curve(chosen, bonmf_candidate["metric"]))
+    table, report = written["table"], written["report"]
     with open(report["plot"], "rb") as f:
         png = base64.b64encode(f.read()).decode()
     return dg.MaterializeResult(

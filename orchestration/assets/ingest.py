@@ -5,8 +5,7 @@ import time
 
 import dagster as dg
 
-from bonmf_core import registry
-from bonmf_core.snapshot import dataset_from_raw, load_snapshot, read_raw, save_snapshot
+from bonmf_core import registry, stages
 
 from ..config import SnapshotConfig
 from ..resources import StateResource, StoreResource
@@ -19,18 +18,18 @@ from ..resources import StateResource, StoreResource
 def dataset_snapshot(context: dg.AssetExecutionContext, config: SnapshotConfig,
                      state: StateResource, store: StoreResource) -> dg.MaterializeResult:
     started = time.perf_counter()
-    raw = read_raw(config.source, config.demo_seed, config.demo_users, config.demo_items)
-    digest, path = save_snapshot(raw, state.folder("snapshots"))
-    counts = raw.counts()
+    data = config.apply({"data": {}})["data"]
+    info = stages.snapshot(data, root=state.folder("snapshots"))
+    digest, path = info["content_hash"], info["path"]
+    counts = {k: info[k] for k in ("n_users", "n_items", "n_interactions")}
     with store.open() as s:
-        row = registry.record_snapshot(s, digest, name=raw.name, source=raw.source,
-                                       path=str(path), **counts)
+        row = registry.record_snapshot(s, digest, name=info["name"], source=info["source"],
+                                       path=path, **counts)
     context.log.info(f"snapshot {digest} ({row['status']}): {counts}")
     return dg.MaterializeResult(
-        value={"content_hash": digest, "path": str(path), "name": raw.name,
-               "source": raw.source, **counts},
-        metadata={"content_hash": digest, "path": dg.MetadataValue.path(str(path)),
-                  "source": raw.source, **counts, "parse_problems": raw.problems,
+        value={k: info[k] for k in ("content_hash", "path", "name", "source")} | counts,
+        metadata={"content_hash": digest, "path": dg.MetadataValue.path(path),
+                  "source": info["source"], **counts, "parse_problems": info["problems"],
                   "registry_status": row["status"],
                   "seconds": round(time.perf_counter() - started, 3)},
         data_version=dg.DataVersion(digest))
@@ -49,20 +48,14 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset_snapshot: dict,
         raise dg.Failure(f"snapshot {digest} has not passed its checks (status "
                          f"{row and row['status']}); materialize it with its checks first")
     out = state.path / "datasets" / digest
-    if (out / "dataset.json").exists():
-        from bonmf_core.dataset import Dataset
-        dataset = Dataset.load(out)
-    else:
-        dataset = dataset_from_raw(load_snapshot(dataset_snapshot["path"]))
-        dataset.save(out)
+    dataset = stages.build_dataset(dataset_snapshot["path"], out)
     with store.open() as s:
         registry.accept_snapshot(s, digest)
+    info = stages.dataset_info(dataset, out, digest)
     summary = dataset.summary()
-    dataset_hash = dataset.content_hash()
+    dataset_hash = info["dataset_hash"]
     return dg.MaterializeResult(
-        value={"snapshot_hash": digest, "dataset_hash": dataset_hash, "path": str(out),
-               "name": dataset.name, "users": summary["users"], "items": summary["items"],
-               "interactions": summary["interactions"]},
+        value=info,
         metadata={"dataset_hash": dataset_hash, "snapshot_hash": digest,
                   "path": dg.MetadataValue.path(str(out)),
                   **{k: summary[k] for k in ("users", "items", "interactions",

@@ -1,0 +1,338 @@
+"""DVC for real: the pipeline in dvc.yaml, push/pull, experiments, and the versions Dagster
+pushes after each promotion, restored by registry id or git revision.
+
+Each test works in a temporary git repository made from this checkout's DVC files and code
+(what a clean clone has), with a tiny demo in its params.yaml, the real `dvc` and `git`
+executables, a real SQLite registry and real Dagster runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonmf_core import registry
+from bonmf_core.params import load_params
+from bonmf_core.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = {"data": {"demo_users": 150, "demo_items": 200},
+        "encoders": {"source": "basic"},
+        "train": {"epochs": 2, "batch_size": 512, "lr": 0.01, "patience": 3, "refit": False},
+        "bpr": {"epochs": 1, "refit": False},
+        "protocol": {"seeds": [0]},
+        "promotion": {"floors": {}},
+        "pipeline": {"candidates": ["id", "text+image"], "baselines": ["pop"]}}
+CODE_DEPS = ("bonmf_core", "data_checks", "bentos")   # dvc.yaml's code dependencies
+STAGES = ("snapshot", "validate", "encode", "train", "evaluate")
+# `package` (bonmf package) is left out until it accepts a relative --out (it exports to
+# "/artifacts/bento" from "artifacts/bento").
+
+
+def make_project(root: Path, params: dict) -> Path:
+    """A git repo holding this checkout's DVC setup, code and a tiny params.yaml, committed."""
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc",
+                    ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    for name in CODE_DEPS:
+        shutil.copytree(REPO / name, root / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "tests@bonmf.invalid")
+    git(root, "config", "user.name", "bonmf tests")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "project")
+    return root
+
+
+def env(root: Path) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "BONMF_STATE_DIR": str(root / ".bonmf"), "OMP_NUM_THREADS": "1",
+            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / ".bonmf" / "site"),
+            "BENTOML_HOME": str(root / ".bonmf" / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env(root),
+                          capture_output=True, text=True)
+    if check:
+        assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def bonmf(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bonmf"), *args], cwd=root, env=env(root),
+                          capture_output=True, text=True)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """relative file name → sha256, for byte-for-byte comparisons of folders."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+# -- the pipeline: dvc repro, push / pull, experiments ------------------------------------------
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("dvc") / "repo", load_params(None, TINY))
+    started = time.perf_counter()
+    done = dvc(root, "repro", *STAGES)
+    print(f"dvc repro (cold): {time.perf_counter() - started:.1f} s")
+    return root, done
+
+
+def test_repro_runs_every_stage_and_a_second_repro_does_nothing(reproduced):
+    root, first = reproduced
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES)
+    assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 2
+    summary = json.loads((root / "reports" / "summary.json").read_text())
+    candidate = summary["candidate"]
+    assert candidate["variant"] in ("id", "text+image") and 0 < candidate["ndcg@10"] <= 1
+    assert set(summary["variants"]) == {"pop", "id", "text+image"}
+    curve = json.loads((root / "reports" / "training_curve.json").read_text())
+    assert [r["epoch"] for r in curve] == [1, 2] and all(r["valid"] > 0 for r in curve)
+    assert (root / "reports" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "artifacts" / "model" / "model.safetensors").exists()
+    # The snapshot is self-contained: pictures inside, referenced relative to the repo root.
+    items = __import__("pandas").read_parquet(root / "artifacts/snapshot/items.parquet")
+    assert items["image_path"].str.startswith("artifacts/snapshot/images/").all()
+    shown = dvc(root, "metrics", "show", "--json").stdout
+    assert str(round(candidate["ndcg@10"], 5))[:6] in shown
+
+    before = (root / "dvc.lock").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (root / "artifacts").rglob("*") if p.is_file()}
+    started = time.perf_counter()
+    second = dvc(root, "repro", *STAGES)
+    print(f"dvc repro (unchanged): {time.perf_counter() - started:.1f} s")
+    assert "Running stage" not in second.stdout
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout
+    assert (root / "dvc.lock").read_text() == before
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    assert dvc(root, "status", "--json", *STAGES).stdout.strip() == "{}"
+
+
+def test_push_delete_pull_is_byte_identical(reproduced):
+    root, _ = reproduced
+    tracked = [root / "artifacts" / n for n in ("snapshot", "dataset", "features", "model",
+                                                 "fits.json")]
+    before = {str(p): tree_digest(p) for p in tracked}
+    started = time.perf_counter()
+    dvc(root, "push", *STAGES)
+    pushed = time.perf_counter() - started
+    remote = root / ".bonmf" / "dvc-remote"     # the default remote from .dvc/config
+    assert len(list(remote.rglob("*.dir"))) == 4   # the four tracked folders
+
+    for p in tracked:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(root / ".dvc" / "cache")
+    started = time.perf_counter()
+    dvc(root, "pull", *STAGES)
+    print(f"dvc push: {pushed:.1f} s, dvc pull: {time.perf_counter() - started:.1f} s")
+    assert {str(p): tree_digest(p) for p in tracked} == before
+    assert "Running stage" not in dvc(root, "repro", *STAGES).stdout
+
+
+def test_exp_run_set_param_changes_the_metrics(reproduced):
+    root, _ = reproduced
+    summary_before = (root / "reports" / "summary.json").read_text()
+    started = time.perf_counter()
+    done = dvc(root, "exp", "run", "-S", "train.epochs=4", "evaluate")
+    print(f"dvc exp run -S train.epochs=4: {time.perf_counter() - started:.1f} s")
+    assert "Running stage 'train'" in done.stdout and "Running stage 'snapshot'" not in done.stdout
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"] == 4
+    curve = json.loads((root / "reports" / "training_curve.json").read_text())
+    assert [r["epoch"] for r in curve] == [1, 2, 3, 4]
+    assert (root / "reports" / "summary.json").read_text() != summary_before
+    shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    assert shown   # the experiment is recorded
+    # Bad params fail naming the key, and nothing runs.
+    bad = dvc(root, "exp", "run", "-S", "train.epochz=1", "evaluate", check=False)
+    assert bad.returncode != 0
+
+
+# -- versions pushed after promotion, and restoring them ------------------------------------------
+
+@pytest.fixture(scope="module")
+def promoted_twice(tmp_path_factory):
+    """Two Dagster runs in a DVC repo: version 1 promoted, then version 2 (forced)."""
+    from orchestration.main import run_pipeline
+
+    root = make_project(tmp_path_factory.mktemp("dvc-promoted") / "repo",
+                        load_params(None, TINY))
+    state = root / ".bonmf"
+    saved = {k: os.environ.get(k) for k in ("BONMF_STATE_DIR", "DAGSTER_HOME",
+                                            "DVC_SITE_CACHE_DIR")}
+    try:
+        runs = []
+        for epochs, force in ((2, False), (3, True)):
+            params = load_params(None, {**TINY, "train": {**TINY["train"], "epochs": epochs}})
+            s = run_pipeline(params, state=state, force=force, forced_by="tests" if force
+                             else None, log_level="WARNING")
+            assert s["success"], s.get("error")
+            assert s["decision"]["decision"] in ("promote", "forced")
+            runs.append(s)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return root, state, runs
+
+
+def _models(state: Path) -> list[dict]:
+    store = Store(f"sqlite:///{state / 'bonmf.db'}")
+    try:
+        return registry.list_models(store)
+    finally:
+        store.dispose()
+
+
+def test_each_promotion_is_pushed_committed_and_recorded(promoted_twice):
+    root, state, runs = promoted_twice
+    v1, v2 = _models(state)
+    assert v2["stage"] == "production" and v1["stage"] == "archived"
+    for version in (v1, v2):
+        dvc_info = version["dvc"]
+        assert set(dvc_info) >= {"dataset", "model", "git_rev", "remote"}
+        assert dvc_info["model"]["md5"].endswith(".dir") and dvc_info["dataset"]["nfiles"] > 3
+        # The commit holds exactly these hashes.
+        pointer = yaml.safe_load(git(root, "show", f"{dvc_info['git_rev']}:promoted/model.dvc"))
+        assert pointer["outs"][0]["md5"] == dvc_info["model"]["md5"]
+        assert Path(dvc_info["remote"]["url"]) == state / "dvc-remote"
+    assert v1["dvc"]["git_rev"] != v2["dvc"]["git_rev"]
+    assert v1["dvc"]["dataset"]["md5"] == v2["dvc"]["dataset"]["md5"]  # same data, one object
+    assert v1["dvc"]["model"]["md5"] != v2["dvc"]["model"]["md5"]
+    log = git(root, "log", "--format=%s")
+    assert "bonmf: model version 1" in log and "bonmf: model version 2" in log
+    assert git(root, "status", "--porcelain", "--", "promoted").strip() == ""
+    # The workspace copy is the production model; the dataset is complete (pictures inside).
+    assert tree_digest(root / "promoted" / "model")["model/model.safetensors"] == \
+        tree_digest(state / "production" / "model")["model/model.safetensors"]
+    from bonmf_core.dataset import Dataset
+    dataset = Dataset.load(root / "promoted" / "dataset")
+    assert dataset.content_hash() == v2["dataset_hash"]
+    assert all((root / p).is_file() for p in dataset.items["image_path"])
+    # The asset's metadata carries the same hashes.
+    import dagster as dg
+    os.environ["DAGSTER_HOME"] = str(state / "dagster")
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("versioned_artifacts"))
+        meta = event.asset_materialization.metadata
+        assert meta["model_md5"].value == v2["dvc"]["model"]["md5"]
+        assert meta["git_rev"].value == v2["dvc"]["git_rev"]
+
+
+def test_restore_an_older_version_by_id_and_by_revision(promoted_twice):
+    root, state, _ = promoted_twice
+    v1, v2 = _models(state)
+    v1_model = yaml.safe_load(git(root, "show", f"{v1['dvc']['git_rev']}:promoted/model.dvc"))
+    started = time.perf_counter()
+    done = bonmf(root, "restore", "--version", "1")
+    print(f"bonmf restore --version 1: {time.perf_counter() - started:.1f} s")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((root / "promoted" / "model" / "registry.json").read_text())[
+        "model_version"] == 1
+    restored = yaml.safe_load((root / "promoted" / "model.dvc").read_text())["outs"][0]
+    assert restored["md5"] == v1_model["outs"][0]["md5"] == v1["dvc"]["model"]["md5"]
+    assert dvc(root, "status", "--json", "promoted/model.dvc",
+               "promoted/dataset.dvc").stdout.strip() == "{}"
+    assert not list((root / "promoted").glob(".restore-*"))
+
+    # Back to version 2 by its git revision: byte-identical to what was pushed.
+    done = bonmf(root, "restore", "--rev", v2["dvc"]["git_rev"])
+    assert done.returncode == 0, done.stderr
+    v2_digest = tree_digest(root / "promoted" / "model")
+    assert json.loads((root / "promoted" / "model" / "registry.json").read_text())[
+        "model_version"] == 2
+    assert v2_digest["model/model.safetensors"] == \
+        tree_digest(state / "production" / "model")["model/model.safetensors"]
+    assert git(root, "status", "--porcelain", "--", "promoted").strip() == ""
+
+    unknown = bonmf(root, "restore", "--rev", "no-such-rev")
+    assert unknown.returncode == 1 and "no-such-rev" in unknown.stderr
+    never = bonmf(root, "restore", "--version", "99")
+    assert never.returncode == 1 and "99 is not registered" in never.stderr
+
+
+def test_restore_fails_cleanly_when_the_remote_lacks_data(promoted_twice):
+    root, state, _ = promoted_twice
+    v1 = _models(state)[0]
+    before = tree_digest(root / "promoted")
+    # One file of version 1's model vanishes from the remote (local cache alike: another
+    # machine would not have it either).
+    listing = json.loads(_object(state / "dvc-remote", v1["dvc"]["model"]["md5"]).read_text())
+    weights = next(e for e in listing if e["relpath"] == "model.safetensors")
+    for store_root in (state / "dvc-remote", root / ".dvc" / "cache"):
+        obj = _object(store_root, weights["md5"])
+        if obj.exists():
+            obj.chmod(0o644)
+            obj.unlink()
+    done = bonmf(root, "restore", "--version", "1")
+    assert done.returncode == 1
+    assert "lacks 1 of its objects" in done.stderr and "model.safetensors" in done.stderr
+    assert "Nothing was changed" in done.stderr
+    assert tree_digest(root / "promoted") == before
+    assert not list((root / "promoted").glob(".restore-*"))
+
+
+def test_corrupted_cache_object_is_detected_and_changes_nothing(promoted_twice):
+    root, state, _ = promoted_twice
+    v2 = _models(state)[1]
+    assert bonmf(root, "restore", "--version", "2").returncode == 0
+    before = tree_digest(root / "promoted")
+    listing = json.loads(_object(root / ".dvc" / "cache", v2["dvc"]["model"]["md5"]).read_text())
+    config = next(e for e in listing if e["relpath"] == "config.json")
+    obj = _object(root / ".dvc" / "cache", config["md5"])
+    stat = obj.stat()
+    obj.chmod(0o644)
+
+    # Bit rot: same size, same mtime, so DVC's own bookkeeping trusts the object; the
+    # restore's hash check does not.
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 0x01
+    obj.write_bytes(bytes(data))
+    os.utime(obj, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    done = bonmf(root, "restore", "--version", "2")
+    assert done.returncode == 1 and "corrupted" in done.stderr and "config.json" in done.stderr
+    assert tree_digest(root / "promoted") == before
+    assert not list((root / "promoted").glob(".restore-*"))
+    # The bad object was dropped: the next restore fetches a good copy from the remote.
+    done = bonmf(root, "restore", "--version", "2")
+    assert done.returncode == 0, done.stderr
+    assert tree_digest(root / "promoted") == before
+
+    # A visibly edited object (new mtime): DVC notices it and fetches the remote's copy.
+    obj.chmod(0o644)
+    obj.write_bytes(obj.read_bytes() + b" ")
+    done = bonmf(root, "restore", "--version", "2")
+    assert done.returncode == 0, done.stderr
+    assert tree_digest(root / "promoted") == before
+
+
+def _object(store_root: Path, md5: str) -> Path:
+    digest = md5.removesuffix(".dir")
+    return Path(store_root) / "files" / "md5" / digest[:2] / (digest[2:] + (
+        ".dir" if md5.endswith(".dir") else ""))
