@@ -195,6 +195,7 @@ def promoted_twice(tmp_path_factory):
                              else None, log_level="WARNING")
             assert s["success"], s.get("error")
             assert s["decision"]["decision"] in ("promote", "forced")
+            print(f"versioned_artifacts step: {s['steps']['versioned_artifacts']:.1f} s")
             runs.append(s)
     finally:
         for k, v in saved.items():
