@@ -110,9 +110,6 @@ DEFAULT_PARAMS: dict = {
         "max_liked_items": 1000,           # recommend_for_items: ids per request
         "max_text_chars": 20000,           # score_new_item: title + text
         "max_image_bytes": 10485760,       # score_new_item: image upload (10 MiB)
-        "max_batch_size": 64,              # adaptive batching of recommend
-        "max_latency_ms": 20,
-        "workers": 1,
     },
     # -- data and model versioning (dvc.yaml, DVC after promotion) -------------------------
     "dvc": {

@@ -124,7 +124,8 @@ def write_bundle(out: str | Path, model_dir: str | Path, dataset: Dataset, encod
             "dataset": {"name": dataset.name, "content_hash": dataset.content_hash(),
                         "users": dataset.n_users, "items": dataset.n_items},
             "encoders": encoder_config, "content": report,
-            "limits": dict(limits or {}), **(info or {})}
+            "limits": {k: v for k, v in (limits or {}).items() if k.startswith("max_")},
+            **(info or {})}
         (tmp / "serving.json").write_text(json.dumps(serving, indent=2, default=str))
     return out
 

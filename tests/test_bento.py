@@ -168,3 +168,21 @@ def test_served_oversized_body_is_refused_before_it_is_read(server):
     assert reply.startswith("HTTP/1.1 413") and "over the limit" in reply
     # And the server is still answering.
     assert _post(server, "/recommend", {"user_id": "u1", "k": 1})[0] == 200
+
+
+def test_each_build_pins_its_own_model_in_one_process(packaged, small_demo, tmp_path):
+    """A long-lived process (the Dagster daemon, a notebook) packaging a second model must not
+    reuse the service module imported for the first one."""
+    import bentoml
+
+    from bentos.packaging import package
+
+    first, _, folder = packaged
+    params = load_params(None, FAST)
+    Recommender.fit(small_demo, "id", params).save(tmp_path / "model")
+    second = package(tmp_path / "model", folder / "dataset", tmp_path / "out", params,
+                     {"model_version": 12})
+    assert second["model_tag"] != first["model_tag"]
+    for record in (first, second):
+        models = bentoml.bentos.get(record["bento_tag"]).info.all_models
+        assert [str(m.tag) for m in models] == [record["model_tag"]]

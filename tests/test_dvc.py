@@ -34,9 +34,7 @@ TINY = {"data": {"demo_users": 150, "demo_items": 200},
         "promotion": {"floors": {}},
         "pipeline": {"candidates": ["id", "text+image"], "baselines": ["pop"]}}
 CODE_DEPS = ("bonmf_core", "data_checks", "bentos")   # dvc.yaml's code dependencies
-STAGES = ("snapshot", "validate", "encode", "train", "evaluate")
-# `package` (bonmf package) is left out until it accepts a relative --out (it exports to
-# "/artifacts/bento" from "artifacts/bento").
+STAGES = ("snapshot", "validate", "encode", "train", "evaluate", "package")
 
 
 def make_project(root: Path, params: dict) -> Path:
@@ -117,6 +115,9 @@ def test_repro_runs_every_stage_and_a_second_repro_does_nothing(reproduced):
     assert [r["epoch"] for r in curve] == [1, 2] and all(r["valid"] > 0 for r in curve)
     assert (root / "reports" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "artifacts" / "model" / "model.safetensors").exists()
+    bento = json.loads((root / "artifacts" / "bento" / "bento.json").read_text())
+    archive = root / "artifacts" / "bento" / Path(bento["archive"]).name
+    assert archive.exists() and archive.stat().st_size == bento["archive_bytes"]
     # The snapshot is self-contained: pictures inside, referenced relative to the repo root.
     items = __import__("pandas").read_parquet(root / "artifacts/snapshot/items.parquet")
     assert items["image_path"].str.startswith("artifacts/snapshot/images/").all()
@@ -139,13 +140,13 @@ def test_repro_runs_every_stage_and_a_second_repro_does_nothing(reproduced):
 def test_push_delete_pull_is_byte_identical(reproduced):
     root, _ = reproduced
     tracked = [root / "artifacts" / n for n in ("snapshot", "dataset", "features", "model",
-                                                 "fits.json")]
+                                                 "bento", "fits.json")]
     before = {str(p): tree_digest(p) for p in tracked}
     started = time.perf_counter()
     dvc(root, "push", *STAGES)
     pushed = time.perf_counter() - started
     remote = root / ".bonmf" / "dvc-remote"     # the default remote from .dvc/config
-    assert len(list(remote.rglob("*.dir"))) == 4   # the four tracked folders
+    assert len(list(remote.rglob("*.dir"))) == 5   # the five tracked folders
 
     for p in tracked:
         shutil.rmtree(p) if p.is_dir() else p.unlink()

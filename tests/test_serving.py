@@ -259,14 +259,16 @@ def test_service_class_answers_in_process_and_maps_errors(content_engine, tmp_pa
         from bentoml.exceptions import InvalidArgument, NotFound
 
         svc = service_module.Recommendations()
-        answer = svc.recommend(user_id="u5", k=3)
-        assert [i["item_id"] for i in answer["items"]] == \
+        import asyncio
+
+        answer = asyncio.run(svc.recommend(user_id="u5", k=3))
+        assert [i.item_id for i in answer.items] == \
             [i["item_id"] for i in content_engine.recommend("u5", k=3)["items"]]
-        assert svc.recommend(user_id="stranger", k=2)["fallback"] == "popularity"
-        assert svc.metadata()["model_version"] == 3
+        assert asyncio.run(svc.recommend(user_id="stranger", k=2)).fallback == "popularity"
+        assert asyncio.run(svc.metadata())["model_version"] == 3
         with pytest.raises(NotFound, match="'nope'"):
             svc.recommend_for_items(item_ids=["d1", "nope"], k=3)
         with pytest.raises(InvalidArgument, match="k: must be"):
-            svc.similar_items(item_id="d1", k=5000)
+            asyncio.run(svc.similar_items(item_id="d1", k=5000))
     finally:
         os.environ.pop("BONMF_BENTO_MODEL", None)
