@@ -1,4 +1,4 @@
-"""Packaging: a model artifact → a BentoML model → a Bento (`service.py`) → a `.bento` archive.
+"""Packaging: a model artifact → a BentoML model → a Bento (`service.py`) → an archive.
 
     package(model_dir, dataset_dir, out_dir, params, info)
 
@@ -246,15 +246,6 @@ def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, par
     return {**record, "reused": False, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def find_dataset(dataset_hash: str, state: Path) -> Path:
-    """The saved dataset (under `<state>/datasets`) whose content hash is `dataset_hash`."""
-    for meta in sorted((Path(state) / "datasets").glob("*/dataset.json")):
-        if json.loads(meta.read_text()).get("content_hash") == dataset_hash:
-            return meta.parent
-    raise FileNotFoundError(f"no saved dataset with content hash {dataset_hash} under "
-                            f"{Path(state) / 'datasets'}: pass --dataset")
-
-
 def production_info(store_url: str | None = None) -> dict | None:
     """The registry facts of the production model (None when there is none)."""
     from bonmf_core import registry
@@ -276,6 +267,7 @@ def production_info(store_url: str | None = None) -> dict | None:
 def package_cli(args) -> int:
     """`bonmf package`: the production model by default, any artifact with --model."""
     from bonmf_core import registry
+    from bonmf_core.dataset import find_saved_dataset
     from bonmf_core.params import load_params
     from bonmf_core.store import Store
 
@@ -294,8 +286,8 @@ def package_cli(args) -> int:
     registry_file = model_dir / "registry.json"
     if registry_file.exists():
         info.setdefault("dataset_hash", json.loads(registry_file.read_text())["dataset_hash"])
-    dataset_dir = Path(args.dataset) if args.dataset else find_dataset(info["dataset_hash"],
-                                                                         state)
+    dataset_dir = Path(args.dataset) if args.dataset else find_saved_dataset(
+        state / "datasets", info["dataset_hash"])
     out = Path(args.out) if args.out else state / "artifacts" / "bento"
     record = package(model_dir, dataset_dir, out, params, info, build=not args.no_build)
     if info.get("model_version") and not args.model:

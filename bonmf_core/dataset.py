@@ -182,6 +182,15 @@ class Dataset:
                    features=features)
 
 
+def find_saved_dataset(root: str | Path, content_hash: str) -> Path:
+    """The saved dataset directly under `root` (e.g. `<state>/datasets`) whose content hash is
+    `content_hash`: how a registered model finds the data it was trained on."""
+    for meta in sorted(Path(root).glob("*/dataset.json")):
+        if json.loads(meta.read_text()).get("content_hash") == content_hash:
+            return meta.parent
+    raise FileNotFoundError(f"no saved dataset with content hash {content_hash} under {root}")
+
+
 def index_ids(first_seen: pd.Series, extra: pd.Series | None = None) -> tuple[np.ndarray, dict]:
     """Dense indices for raw ids: order of first appearance, then unseen `extra` ids in order.
 

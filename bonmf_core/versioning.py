@@ -193,11 +193,12 @@ def md5_file(path: Path) -> str:
 
 def find_dataset(datasets_root: Path, dataset_hash: str) -> Path:
     """The saved dataset under `datasets_root` whose content hash is `dataset_hash`."""
-    for meta in sorted(Path(datasets_root).glob("*/dataset.json")):
-        if json.loads(meta.read_text()).get("content_hash") == dataset_hash:
-            return meta.parent
-    raise VersioningError(f"no saved dataset with content hash {dataset_hash} under "
-                          f"{datasets_root}")
+    from .dataset import find_saved_dataset
+
+    try:
+        return find_saved_dataset(datasets_root, dataset_hash)
+    except FileNotFoundError as exc:
+        raise VersioningError(str(exc)) from None
 
 
 def version_promotion(repo: Path, state: Path, settings: DvcSettings, *, dataset_dir: Path,
@@ -245,11 +246,19 @@ def _copy_dataset(source: Path, out: Path, refer_as: str) -> None:
         (tmp / "data").rmdir()
 
 
+def _identity(repo: Path) -> list[str]:
+    """`-c user.name/email` for a machine without a git identity (a fresh CI runner or
+    container), so the promotion commit does not fail there; a configured identity wins."""
+    if run_git(repo, "config", "user.email", check=False).stdout.strip():
+        return []
+    return ["-c", "user.name=bonmf", "-c", "user.email=bonmf@localhost"]
+
+
 def _commit(repo: Path, files: list[str], message: str) -> str:
     """Commit exactly `files` (whatever else is staged stays staged) → the revision."""
     run_git(repo, "add", "--", *files)
     if run_git(repo, "diff", "--cached", "--quiet", "--", *files, check=False).returncode:
-        run_git(repo, "commit", "-q", "-m", message, "--", *files)
+        run_git(repo, *_identity(repo), "commit", "-q", "-m", message, "--", *files)
     return run_git(repo, "rev-parse", "HEAD").stdout.strip()
 
 

@@ -338,3 +338,21 @@ def _object(store_root: Path, md5: str) -> Path:
     digest = md5.removesuffix(".dir")
     return Path(store_root) / "files" / "md5" / digest[:2] / (digest[2:] + (
         ".dir" if md5.endswith(".dir") else ""))
+
+
+def test_promotion_commit_works_without_a_git_identity(tmp_path, monkeypatch):
+    """A fresh machine has no user.name/email: the pointer-file commit must still land."""
+    from bonmf_core.versioning import _commit
+
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-global-config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "model.dvc").write_text("outs: []\n")
+    (repo / "unrelated.txt").write_text("staged, not committed\n")
+    git(repo, "add", "unrelated.txt")
+    rev = _commit(repo, ["model.dvc"], "bonmf: model version 1 promoted")
+    log = git(repo, "log", "--format=%an <%ae>|%s", "-1").strip()
+    assert log == "bonmf <bonmf@localhost>|bonmf: model version 1 promoted" and len(rev) == 40
+    assert git(repo, "diff", "--cached", "--name-only").split() == ["unrelated.txt"]

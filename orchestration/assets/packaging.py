@@ -54,7 +54,8 @@ def _info(row: dict) -> dict:
 def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
                   promotion_decision: dict, validated_dataset: dict, params: ParamsResource,
                   state: StateResource, store: StoreResource) -> dg.MaterializeResult:
-    from bentos.packaging import configure_bentoml, find_dataset, package
+    from bentos.packaging import configure_bentoml, package
+    from bonmf_core.dataset import find_saved_dataset
 
     started = time.perf_counter()
     with store.open() as s:
@@ -64,9 +65,11 @@ def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
         return dg.MaterializeResult(value={"packaged": False},
                                     metadata={"status": "no production model yet"})
     configure_bentoml(state.path)
+    # The production model may come from an earlier run (the gate held this one's candidate).
     dataset_dir = (validated_dataset["path"]
                    if validated_dataset["dataset_hash"] == production["dataset_hash"]
-                   else find_dataset(production["dataset_hash"], state.path))
+                   else find_saved_dataset(state.path / "datasets",
+                                           production["dataset_hash"]))
     record = package(state.production_dir, dataset_dir, state.folder("artifacts", "bento"),
                      config.apply(params.load()), _info(production), build=config.build)
     with store.open() as s:
