@@ -249,6 +249,13 @@ def _run(args) -> int:
         if package.get("bento_tag"):
             print(f"serve it:   BENTOML_HOME={package['bentoml_home']} bentoml serve "
                   f"{package['bento_tag']}")
+    versioned = summary.get("versioned") or {}
+    if versioned.get("versioned"):
+        print(f"dvc:        model version {versioned['model_version']} pushed to "
+              f"{versioned['remote']['url']}, pointer files committed at {versioned['git_rev']}"
+              f" (restore: bonmf restore --version {versioned['model_version']})")
+    elif versioned.get("reason"):
+        print(f"dvc:        not versioned — {versioned['reason']}")
     print(f"report:     {summary['report']['markdown']} (+ metrics.json, metrics.png)")
     print(f"candidate artifact: {candidate['artifact_path']}")
     print(f"store:      {Path(summary['state_dir']) / 'bonmf.db'}")

@@ -122,7 +122,8 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
                                              "artifact_sha256", "metrics")},
         fits_reused=sum(f["reused"] for f in candidate["fits"]),
         fits_total=len(candidate["fits"]),
-        decision=decision, package=result.output_for_node("bento_package"))
+        decision=decision, package=result.output_for_node("bento_package"),
+        versioned=result.output_for_node("versioned_artifacts"))
     return summary
 
 

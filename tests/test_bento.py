@@ -73,6 +73,7 @@ def server(packaged, tmp_path_factory):
                    capture_output=True, timeout=120)
     with BentoServer(first["bento_tag"], env={"BENTOML_HOME": str(home),
                                               "OMP_NUM_THREADS": "1"}) as srv:
+        srv.model_tag = first["model_tag"]
         yield srv
     assert srv.proc.poll() is not None  # stopped by its own process group
 
@@ -110,6 +111,7 @@ def test_served_recommendations_exclude_seen_and_flag_the_fallback(server, small
     assert status == 200 and answer["fallback"] == "popularity" and len(answer["items"]) == 10
     status, meta = _post(server, "/metadata", {})
     assert status == 200 and meta["model_version"] == 11
+    assert meta["bento_model_tag"] == server.model_tag
     assert meta["protocol"]["name"] == "ncf" and meta["dataset"]["content_hash"]
 
 
