@@ -64,6 +64,11 @@ class BentoServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve {self.target} exited with "
                                    f"{self.proc.returncode}:\n{self.log_tail()}")
+            if "Initializing service error" in self.log_tail(200_000):
+                # BentoML keeps restarting a worker whose service fails to load: say why now
+                self.stop()
+                raise RuntimeError(f"bentoml serve {self.target}: the service failed to "
+                                   f"load:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
                     if r.status == 200:

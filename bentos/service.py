@@ -139,7 +139,7 @@ class Recommendations:
         # One worker process per core: intra-op threads would only contend.
         torch.set_num_threads(int(os.environ.get("BONMF_TORCH_THREADS", "1")))
         self.engine = ServingEngine(self.bento_model.path)
-        self.engine.info["bento_model_tag"] = str(self.bento_model.stored.tag)
+        self.engine.info["bento_model_tag"] = str(self.bento_model.tag)
         # Everything loaded so far (torch, transformers, the encoders, the id maps) lives as
         # long as the process: freeze it out of the garbage collector's full scans.
         import gc
