@@ -188,3 +188,26 @@ def test_each_build_pins_its_own_model_in_one_process(packaged, small_demo, tmp_
     for record in (first, second):
         models = bentoml.bentos.get(record["bento_tag"]).info.all_models
         assert [str(m.tag) for m in models] == [record["model_tag"]]
+
+
+def test_a_service_that_cannot_load_fails_fast_with_the_reason(tmp_path):
+    """A model that is not a serving bundle: `BentoServer` reports BentoML's load error at once
+    instead of waiting out its readiness timeout, and leaves no server behind."""
+    import time
+
+    import bentoml
+
+    from bentos.packaging import configure_bentoml
+    from bentos.server import BentoServer
+
+    configure_bentoml()
+    with bentoml.models.create("not-a-bundle") as model:
+        (Path(model.path) / "readme.txt").write_text("no serving.json here")
+    server = BentoServer("bentos.service:Recommendations", cwd=Path(__file__).parents[1],
+                         env={"BONMF_BENTO_MODEL": str(model.tag), "OMP_NUM_THREADS": "1"},
+                         ready_timeout=120)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="not a serving bundle"):
+        server.start()
+    assert time.monotonic() - started < 60
+    assert server.proc.poll() is not None
