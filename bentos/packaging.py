@@ -256,8 +256,11 @@ def production_info(store_url: str | None = None) -> dict | None:
         row = registry.production_model(store)
     finally:
         store.dispose()
-    if row is None:
-        return None
+    return None if row is None else model_info(row)
+
+
+def model_info(row: dict) -> dict:
+    """The registry facts of a model version that travel with its package."""
     return {"model_version": row["id"], "variant": row["variant"], "metrics": row["metrics"],
             "protocol": row["protocol"], "dataset_hash": row["dataset_hash"],
             "code_version": row["code_version"], "artifact_sha256": row["artifact_sha256"],
@@ -276,7 +279,7 @@ def package_cli(args) -> int:
     model_dir = Path(args.model) if args.model else state / "production" / "model"
     if not (model_dir / "config.json").exists():
         print(f"error: {model_dir}: no model artifact (run `bonmf run` until a model is "
-              f"promoted, or pass --model)", file=os.sys.stderr)
+              f"promoted, or pass --model)", file=sys.stderr)
         return 2
     info = production_info(params["encoders"].get("store_url")) if not args.model else None
     if info is None:

@@ -24,6 +24,8 @@ import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound
 from pydantic import BaseModel, Field
 
+from bonmf_core.serving import NewItem, RequestError, ServingEngine, UnknownIdError
+
 MODEL_TAG = os.environ.get("BONMF_BENTO_MODEL", "bonmf:latest")
 DEFAULT_MAX_BODY = 11 * 1024 * 1024
 
@@ -114,8 +116,6 @@ class BodyLimit:
 
 
 def _http_error(exc: Exception) -> BentoMLException:
-    from bonmf_core.serving import UnknownIdError
-
     if isinstance(exc, UnknownIdError):
         return NotFound(str(exc))
     return InvalidArgument(str(exc))
@@ -134,8 +134,6 @@ class Recommendations:
     def __init__(self) -> None:
         import torch
 
-        from bonmf_core.serving import ServingEngine
-
         # One worker process per core: intra-op threads would only contend.
         torch.set_num_threads(int(os.environ.get("BONMF_TORCH_THREADS", "1")))
         self.engine = ServingEngine(self.bento_model.path)
@@ -147,8 +145,6 @@ class Recommendations:
         gc.freeze()
 
     def _call(self, fn, *args, **kwargs):
-        from bonmf_core.serving import RequestError
-
         try:
             return fn(*args, **kwargs)
         except RequestError as exc:
@@ -187,8 +183,6 @@ class Recommendations:
                        return_embedding: bool = True) -> dict:
         """Cold start: a new item's content → its embeddings, likely users, nearest items.
         Send JSON, or multipart/form-data with an `image` file."""
-        from bonmf_core.serving import NewItem
-
         data = None
         if image is not None:
             size = os.path.getsize(image)

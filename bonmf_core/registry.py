@@ -190,26 +190,25 @@ def list_models(store: Store) -> list[dict]:
         return [_row(r) for r in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
 
 
-def set_bento_tag(store: Store, version_id: int, tag: str) -> dict:
-    """Record the BentoML model tag a version was packaged as."""
+def _update_model(store: Store, version_id: int, **columns) -> dict:
     with store.session() as s:
         row = s.get(ModelVersion, version_id)
         if row is None:
             raise KeyError(f"model version {version_id} is not registered")
-        row.bento_tag = tag
+        for name, value in columns.items():
+            setattr(row, name, value)
         s.flush()
         return _row(row)
+
+
+def set_bento_tag(store: Store, version_id: int, tag: str) -> dict:
+    """Record the BentoML model tag a version was packaged as."""
+    return _update_model(store, version_id, bento_tag=tag)
 
 
 def record_dvc_hashes(store: Store, version_id: int, hashes: dict) -> dict:
     """Record the DVC content hashes (data, model, git revision) a version was pushed with."""
-    with store.session() as s:
-        row = s.get(ModelVersion, version_id)
-        if row is None:
-            raise KeyError(f"model version {version_id} is not registered")
-        row.dvc_json = _dumps(hashes)
-        s.flush()
-        return _row(row)
+    return _update_model(store, version_id, dvc_json=_dumps(hashes))
 
 
 # -- promotion --------------------------------------------------------------------------------

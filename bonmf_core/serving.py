@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import file_sha256, load_model
+from .artifacts import load_model
 from .atomic import atomic_dir
 from .dataset import Dataset
 from .model import BoNMF
@@ -67,12 +67,6 @@ class UnknownIdError(RequestError):
 
 # -- building a bundle ------------------------------------------------------------------------
 
-def item_popularity(dataset: Dataset) -> np.ndarray:
-    """Distinct users per item (the popularity fallback's ranking)."""
-    from .splits import implicit_pairs
-
-    pairs = implicit_pairs(dataset)
-    return np.bincount(pairs["item"].to_numpy(), minlength=dataset.n_items).astype(np.float32)
 
 
 def item_titles(dataset: Dataset) -> list[str]:
@@ -101,8 +95,11 @@ def write_bundle(out: str | Path, model_dir: str | Path, dataset: Dataset, encod
     _check_ids(ids, dataset, model_dir)
     features, report = content_features(dataset, CONTENT_MODALITIES, encoders)
     _check_model_features(model, features, model_dir)
-    seen = positive_matrix(dataset.n_users, dataset.n_items, implicit_pairs(dataset))
-    popularity = item_popularity(dataset)
+    pairs = implicit_pairs(dataset)
+    seen = positive_matrix(dataset.n_users, dataset.n_items, pairs)
+    # Distinct users per item: the popularity fallback's ranking.
+    popularity = np.bincount(pairs["item"].to_numpy(), minlength=dataset.n_items
+                             ).astype(np.float32)
     tensors = {"popularity": torch.from_numpy(popularity),
                "seen_indptr": torch.from_numpy(seen.indptr.astype(np.int64)),
                "seen_items": torch.from_numpy(seen.indices.astype(np.int64))}
@@ -503,25 +500,15 @@ class _ContentEncoders:
         present["text"] = bool(text.strip())
         if not present["text"]:
             raw["text"].zero_()
-        with tempfile.NamedTemporaryFile(suffix=".img") as fh:
-            if item.image:
+        encode_images = self.image.encode if self.image is not None else tiny_image_features
+        if item.image:  # the encoders read files (decoded by content, as the catalog was)
+            with tempfile.NamedTemporaryFile(suffix=".img") as fh:
                 fh.write(item.image)
                 fh.flush()
-            paths = [fh.name if item.image else None]
-            if self.image is not None:
-                vectors, ok = self.image.encode(paths)
-            else:
-                vectors, ok = tiny_image_features(paths)
+                vectors, ok = encode_images([fh.name])
+        else:
+            vectors, ok = encode_images([None])  # a zero row, like a catalog item's
         if item.image and not ok[0]:
             raise RequestError("not a decodable image (PNG, JPEG, WebP, ...)", "image")
         raw["image"], present["image"] = torch.from_numpy(vectors[0]), bool(ok[0])
         return raw, present
-
-
-def bundle_sha256(path: str | Path) -> str:
-    """The model artifact's sha256 recorded in a bundle (what 'the same model' means)."""
-    return json.loads((Path(path) / "serving.json").read_text())["model_artifact_sha256"]
-
-
-__all__ = ["ServingEngine", "NewItem", "RequestError", "UnknownIdError", "write_bundle",
-           "bundle_sha256", "item_popularity", "file_sha256"]

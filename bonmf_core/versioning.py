@@ -33,7 +33,7 @@ from typing import Iterator
 
 import yaml
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, swap_dir
 
 PROMOTED = "promoted"                  # workspace folder of the versioned artifacts
 ARTIFACTS = ("dataset", "model")       # what each promoted version consists of
@@ -351,7 +351,7 @@ def restore(repo: Path, state: Path, settings: DvcSettings, hashes: dict, label:
             for name, entry in hashes.items():
                 verify_directory(staging / name, entry["md5"], cache)
             for name in hashes:
-                _swap_in(staging / name, promoted / name)
+                swap_dir(staging / name, promoted / name)
                 (staging / f"{name}.dvc").replace(promoted / f"{name}.dvc")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -386,14 +386,3 @@ def verify_directory(folder: Path, dir_md5: str, cache: Path) -> None:
 
 def _cache_object(cache: Path, md5: str) -> Path:
     return cache / "files" / "md5" / md5[:2] / md5[2:]
-
-
-def _swap_in(staged: Path, target: Path) -> None:
-    """Replace `target` by `staged` with renames (the old folder is moved aside, then removed)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staged, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

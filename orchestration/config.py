@@ -144,19 +144,6 @@ class VersioningConfig(dg.Config):
         return params
 
 
-# asset name -> its config class
-ASSET_CONFIGS: dict[str, type] = {
-    "dataset_snapshot": SnapshotConfig,
-    "text_embeddings": EncodingConfig,
-    "image_embeddings": EncodingConfig,
-    "splits": SplitConfig,
-    "bonmf_candidate": CandidateConfig,
-    "baselines": BaselineConfig,
-    "promotion_decision": PromotionConfig,
-    "versioned_artifacts": VersioningConfig,
-}
-
-
 def params_with(config: dg.Config, params: dict) -> dict:
     """A copy of `params` with `config`'s fields applied."""
     return config.apply(copy.deepcopy(params))
@@ -175,6 +162,7 @@ def run_config_from_params(params: dict, force: bool = False,
                              "demo_users": d["demo_users"], "demo_items": d["demo_items"]},
         "text_embeddings": encoding,
         "image_embeddings": dict(encoding),
+        "bento_package": dict(encoding),
         "splits": {"protocol": p["name"], "seeds": list(p["seeds"]), "ks": list(p["ks"]),
                    "ncf_dir": p["ncf_dir"], "order": p["order"],
                    "cold_fraction": float(p["cold_fraction"])},

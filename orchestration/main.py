@@ -70,7 +70,6 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
 
     import dagster as dg
 
-    from .assets.packaging import packaging_run_config
     from .config import run_config_from_params
     from .definitions import build_definitions
     from .resources import StoreResource
@@ -80,7 +79,6 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
     job = defs.resolve_job_def("retrain")
     started = time.perf_counter()
     run_config = run_config_from_params(params, force=force, forced_by=forced_by)
-    run_config["ops"]["bento_package"] = {"config": packaging_run_config(params)}
     run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(

@@ -1,60 +1,34 @@
-"""Packaging: the production model as a BentoML model, a Bento and a `.bento` archive."""
+"""Packaging: the production model as a BentoML model, a Bento and its archive."""
 
-import copy
 import time
 
 import dagster as dg
 
 from bonmf_core import registry
-from bonmf_core.params import DEFAULT_PARAMS
 
+from ..config import EncodingConfig, params_with
 from ..resources import ParamsResource, StateResource, StoreResource
 
-_E = DEFAULT_PARAMS["encoders"]
 
+class PackagingConfig(EncodingConfig):
+    """The encoders packaged with the model — the encoding assets' settings, since a content
+    model's features must be what they produce (packaging refuses otherwise) — and whether to
+    build the Bento."""
 
-class PackagingConfig(dg.Config):
-    """The encoders packaged with the model (they must be the ones its features came from:
-    packaging refuses a content model whose features differ) and whether to build the Bento."""
-
-    encoder_source: str = _E["source"]
-    text_model: str = _E["text_model"]
-    image_model: str = _E["image_model"]
-    image_weights: str = str(_E["image_weights"])
     build: bool = True
-
-    def apply(self, params: dict) -> dict:
-        params = copy.deepcopy(params)
-        params["encoders"].update(source=self.encoder_source, text_model=self.text_model,
-                                  image_model=self.image_model,
-                                  image_weights=self.image_weights)
-        return params
-
-
-def packaging_run_config(params: dict) -> dict:
-    e = params["encoders"]
-    return {"encoder_source": e["source"], "text_model": e["text_model"],
-            "image_model": e["image_model"], "image_weights": str(e["image_weights"])}
-
-
-def _info(row: dict) -> dict:
-    return {"model_version": row["id"], "variant": row["variant"], "metrics": row["metrics"],
-            "protocol": row["protocol"], "dataset_hash": row["dataset_hash"],
-            "code_version": row["code_version"], "artifact_sha256": row["artifact_sha256"],
-            "seed": row["seed"]}
 
 
 @dg.asset(group_name="packaging", kinds={"bentoml"},
           description="The production model saved into the BentoML model store (weights, id "
                       "maps, titles, popularity, seen items, catalog embeddings, encoders), "
                       "built into a Bento from bentos/service.py offline and exported as a "
-                      ".bento archive under <state>/artifacts/bento. Nothing is rebuilt when "
+                      ".bento.tar archive under <state>/artifacts/bento. Nothing is rebuilt when "
                       "the production model has not changed; the BentoML tag is recorded in "
                       "the registry.")
 def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
                   promotion_decision: dict, validated_dataset: dict, params: ParamsResource,
                   state: StateResource, store: StoreResource) -> dg.MaterializeResult:
-    from bentos.packaging import configure_bentoml, package
+    from bentos.packaging import configure_bentoml, model_info, package
     from bonmf_core.dataset import find_saved_dataset
 
     started = time.perf_counter()
@@ -71,7 +45,8 @@ def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
                    else find_saved_dataset(state.path / "datasets",
                                            production["dataset_hash"]))
     record = package(state.production_dir, dataset_dir, state.folder("artifacts", "bento"),
-                     config.apply(params.load()), _info(production), build=config.build)
+                     params_with(config, params.load()), model_info(production),
+                     build=config.build)
     with store.open() as s:
         registry.set_bento_tag(s, production["id"], record["model_tag"])
     context.log.info(f"model version {production['id']} → {record['model_tag']}"
