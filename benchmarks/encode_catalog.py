@@ -25,15 +25,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bonmf_core.atomic import write_json  # noqa: E402
-from bonmf_core.catalog_encoding import EncoderSettings, encode_catalog  # noqa: E402
-from bonmf_core.experiment import load_dataset  # noqa: E402
-from bonmf_core.store import Store  # noqa: E402
+from bonmf_core.content.catalog import EncoderSettings, encode_catalog  # noqa: E402
+from bonmf_core.data.readers import load_dataset  # noqa: E402
+from bonmf_core.store.database import Store  # noqa: E402
 
 
 def _cosine_to_fp32(dataset, settings: EncoderSettings, fast: dict, n: int) -> dict:
     """Encode the first n items in fp32 (no cache) and compare with the cached fast vectors."""
-    from bonmf_core.catalog_encoding import compose_item_texts
-    from bonmf_core.encoders import ImageEncoder, TextEncoder
+    from bonmf_core.content.catalog import compose_item_texts
+    from bonmf_core.content.encoders import ImageEncoder, TextEncoder
 
     out = {}
     texts = compose_item_texts(dataset.items.iloc[:n], settings.text_fields, settings.text_separator)

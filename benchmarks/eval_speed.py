@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from bonmf_core.atomic import write_json
-from bonmf_core.evaluation import evaluate
-from bonmf_core.experiment import build_bonmf, load_dataset
-from bonmf_core.metrics import full_ranking_metrics, sampled_metrics
+from bonmf_core.evaluation.evaluator import evaluate
+from bonmf_core.experiment.variants import build_bonmf, load_dataset
+from bonmf_core.evaluation.metrics import full_ranking_metrics, sampled_metrics
 from bonmf_core.params import load_params
-from bonmf_core.splits import make_split
+from bonmf_core.data.splits import make_split
 
 
 def best_of(fn, repeat=3) -> float:

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from bonmf_core.atomic import write_json
-from bonmf_core.experiment import format_table, load_dataset, run_protocol
+from bonmf_core.experiment.variants import format_table, load_dataset, run_protocol
 from bonmf_core.params import load_params
 
 

@@ -53,7 +53,7 @@ def main() -> None:
     import bentoml
     from PIL import Image
 
-    from bonmf_core.serving import NewItem, ServingEngine
+    from bonmf_core.serving.engine import NewItem, ServingEngine
 
     torch.set_num_threads(1)
     started = time.perf_counter()

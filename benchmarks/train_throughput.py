@@ -14,11 +14,11 @@ import sys
 import time
 
 from bonmf_core.atomic import write_json
-from bonmf_core.experiment import (build_bonmf, load_dataset, modalities_of, parse_variants,
+from bonmf_core.experiment.variants import (build_bonmf, load_dataset, modalities_of, parse_variants,
                                    train_config)
-from bonmf_core.features import basic_content_features
+from bonmf_core.content.features import basic_content_features
 from bonmf_core.params import load_params
-from bonmf_core.splits import leave_one_out_split
+from bonmf_core.data.splits import leave_one_out_split
 from bonmf_core.training import train
 
 

@@ -1,12 +1,14 @@
 """Packaging: a model artifact → a BentoML model → a Bento (`service.py`) → an archive.
 
-    package(model_dir, dataset_dir, out_dir, params, info)
+    package(model_dir, dataset_dir, out_dir, config, info)
 
-1. writes a serving bundle (`bonmf_core.serving.write_bundle`: weights, id maps, titles,
-   popularity, seen items, catalog content embeddings, encoder weights) and saves it with
-   `bentoml.models.create`, labelled with the registry version and the artifact's sha256;
+1. writes a serving bundle (`bonmf_core.serving.bundle.write_bundle`: weights, id maps,
+   titles, popularity, seen items, catalog content embeddings, encoder weights, the request
+   limits of the `serving` section) and saves it with `bentoml.models.create`, labelled with
+   the registry version and the artifact's sha256;
 2. builds the Bento from `bentos/service.py` fully offline (`lock_packages: false`: the
-   requirements are the pinned versions installed here, not resolved against an index);
+   requirements are the pinned versions installed here, not resolved against an index); it
+   carries only the service's runtime (`INCLUDE`: no store, no SQLAlchemy, no training);
 3. exports it to `<out>/<name>-<version>.bento.tar` and writes `<out>/bento.json` last (atomic):
    what was packaged, from which artifact, with the archive's sha256.
 
@@ -26,18 +28,27 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bonmf_core.artifacts import file_sha256
 from bonmf_core.atomic import write_json
+from bonmf_core.config import BonmfConfig
+from bonmf_core.hashing import sha256_file
 from bonmf_core.settings import state_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "bentos.service:Recommendations"
-# What the Bento carries of the project: the service and the library it calls.
-INCLUDE = ["bentos/__init__.py", "bentos/service.py", "bonmf_core/**/*.py"]
+# What the Bento carries of the project: the service and the modules its runtime
+# (bonmf_core.serving.engine) imports — not the bundle builder, the store or training.
+# tests/test_serving.py runs the service from a copy of exactly these files.
+INCLUDE = ["bentos/__init__.py", "bentos/service.py", "bonmf_core/__init__.py",
+           "bonmf_core/atomic.py", "bonmf_core/config.py", "bonmf_core/errors.py",
+           "bonmf_core/hashing.py", "bonmf_core/content/__init__.py",
+           "bonmf_core/content/encoders.py", "bonmf_core/content/features.py",
+           "bonmf_core/content/text.py", "bonmf_core/data/__init__.py",
+           "bonmf_core/data/dataset.py", "bonmf_core/models/__init__.py",
+           "bonmf_core/models/artifacts.py", "bonmf_core/models/bonmf.py",
+           "bonmf_core/serving/__init__.py", "bonmf_core/serving/engine.py"]
 # What the service imports at run time, pinned to the versions installed here.
-RUNTIME_PACKAGES = ["torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow",
-                    "safetensors", "pillow", "PyYAML", "tqdm", "transformers", "timm",
-                    "SQLAlchemy", "pydantic", "bentoml"]
+RUNTIME_PACKAGES = ["torch", "torchvision", "numpy", "pandas", "safetensors", "pillow",
+                    "PyYAML", "tqdm", "transformers", "timm", "pydantic", "bentoml"]
 
 
 def configure_bentoml(state: str | Path | None = None) -> Path:
@@ -189,28 +200,30 @@ def _unchanged(out: Path, artifact_sha: str, code: str) -> dict | None:
         bentoml.models.get(record["model_tag"])
     except Exception:  # deleted from the store: rebuild
         return None
-    if file_sha256(archive) != record.get("archive_sha256"):
+    if sha256_file(archive) != record.get("archive_sha256"):
         return None
     return record
 
 
-def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, params: dict,
-            info: dict | None = None, build: bool = True) -> dict:
+def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path,
+            config: BonmfConfig, info: dict | None = None, build: bool = True) -> dict:
     """Package the model trained on the dataset in `dataset_dir` → the record (bento.json).
 
+    `config`: its `encoders` section (what encoded the catalog: the bundle carries those
+    encoders) and `serving` section (the Bento's name, the request limits).
     `info`: registry facts carried into the model's labels/metadata and the service's
     `metadata` answer (model_version, metrics, protocol, dataset_hash, code_version, ...).
     """
-    from bonmf_core.dataset import Dataset
-    from bonmf_core.registry import directory_sha256
-    from bonmf_core.serving import write_bundle
+    from bonmf_core.data.dataset import Dataset
+    from bonmf_core.hashing import sha256_tree
+    from bonmf_core.serving.bundle import write_bundle
 
     configure_bentoml()
     started = time.perf_counter()
     # Absolute paths: BentoML's export resolves a relative target against its own root.
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
-    name = params["serving"]["bento_name"]
-    artifact_sha = directory_sha256(model_dir)
+    name = config.serving.bento_name
+    artifact_sha = sha256_tree(model_dir)
     code = source_hash()
     if build:
         previous = _unchanged(out, artifact_sha, code)
@@ -221,8 +234,8 @@ def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, par
     if model_tag is None:
         dataset = Dataset.load(dataset_dir)
         with tempfile.TemporaryDirectory() as tmp:
-            bundle = write_bundle(Path(tmp) / "bundle", model_dir, dataset, params["encoders"],
-                                  info=info, limits=params["serving"])
+            bundle = write_bundle(Path(tmp) / "bundle", model_dir, dataset, config.encoders,
+                                  info=info, serving=config.serving)
             labels = {"artifact_sha256": artifact_sha[:63],
                       "model_version": str(info.get("model_version") or ""),
                       "variant": str(info.get("variant", "")),
@@ -240,7 +253,7 @@ def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, par
                               "source_hash": code})
         archive = export_bento(bento_tag, out)
         record.update(bento_tag=bento_tag, source_hash=code, archive=str(archive),
-                      archive_sha256=file_sha256(archive),
+                      archive_sha256=sha256_file(archive),
                       archive_bytes=archive.stat().st_size)
         write_json(out / "bento.json", record)
     return {**record, "reused": False, "seconds": round(time.perf_counter() - started, 3)}
@@ -248,8 +261,8 @@ def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, par
 
 def production_info(store_url: str | None = None) -> dict | None:
     """The registry facts of the production model (None when there is none)."""
-    from bonmf_core import registry
-    from bonmf_core.store import Store
+    from bonmf_core.ops import registry
+    from bonmf_core.store.database import Store
 
     store = Store(store_url)
     try:
@@ -269,19 +282,19 @@ def model_info(row: dict) -> dict:
 
 def package_cli(args) -> int:
     """`bonmf package`: the production model by default, any artifact with --model."""
-    from bonmf_core import registry
-    from bonmf_core.dataset import find_saved_dataset
-    from bonmf_core.params import load_params
-    from bonmf_core.store import Store
+    from bonmf_core.config import load_config
+    from bonmf_core.data.dataset import find_saved_dataset
+    from bonmf_core.ops import registry
+    from bonmf_core.store.database import Store
 
     state = state_dir()
-    params = load_params(args.params)
+    config = load_config(args.params, getattr(args, "set", None) or [])
     model_dir = Path(args.model) if args.model else state / "production" / "model"
     if not (model_dir / "config.json").exists():
         print(f"error: {model_dir}: no model artifact (run `bonmf run` until a model is "
               f"promoted, or pass --model)", file=sys.stderr)
         return 2
-    info = production_info(params["encoders"].get("store_url")) if not args.model else None
+    info = production_info(config.encoders.store_url) if not args.model else None
     if info is None:
         meta = json.loads((model_dir / "config.json").read_text())
         info = {"variant": meta.get("variant"), "seed": meta.get("seed"),
@@ -292,9 +305,9 @@ def package_cli(args) -> int:
     dataset_dir = Path(args.dataset) if args.dataset else find_saved_dataset(
         state / "datasets", info["dataset_hash"])
     out = Path(args.out) if args.out else state / "artifacts" / "bento"
-    record = package(model_dir, dataset_dir, out, params, info, build=not args.no_build)
+    record = package(model_dir, dataset_dir, out, config, info, build=not args.no_build)
     if info.get("model_version") and not args.model:
-        store = Store(params["encoders"].get("store_url"))
+        store = Store(config.encoders.store_url)
         try:
             registry.set_bento_tag(store, info["model_version"], record["model_tag"])
         finally:

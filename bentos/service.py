@@ -1,5 +1,5 @@
 """The BoNMF recommendation service (BentoML). The answers come from
-`bonmf_core.serving.ServingEngine`; this module only types the HTTP API and maps errors.
+`bonmf_core.serving.engine.ServingEngine`; this module only types the HTTP API and maps errors.
 
     recommend            a user id → top-k items (unknown user: popularity, flagged)
     recommend_for_items  liked item ids (anonymous / new user) → top-k items (fold-in)
@@ -24,30 +24,30 @@ import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound
 from pydantic import BaseModel, Field
 
-from bonmf_core.serving import NewItem, RequestError, ServingEngine, UnknownIdError
+from bonmf_core.config import ServingConfig
+from bonmf_core.serving.engine import NewItem, RequestError, ServingEngine, UnknownIdError
 
 MODEL_TAG = os.environ.get("BONMF_BENTO_MODEL", "bonmf:latest")
-DEFAULT_MAX_BODY = 11 * 1024 * 1024
 
 
 class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
-def _limits() -> dict:
-    """The request limits recorded in the packaged model (read once, at import)."""
+def _limits() -> ServingConfig:
+    """The request limits recorded in the packaged model (read once, at import): the
+    `serving` section the bundle was written with."""
     try:
         path = Path(bentoml.models.get(MODEL_TAG).path) / "serving.json"
-        return json.loads(path.read_text()).get("limits", {})
-    except Exception:  # the model store is not reachable at import: defaults apply
-        return {}
+        recorded = json.loads(path.read_text()).get("limits", {})
+    except Exception:  # the model store is not reachable at import: the schema's defaults
+        recorded = {}
+    return ServingConfig.model_validate(recorded)
 
 
 LIMITS = _limits()
-MAX_K = int(LIMITS.get("max_k", 1000))
-MAX_LIKED = int(LIMITS.get("max_liked_items", 1000))
-MAX_TEXT = int(LIMITS.get("max_text_chars", 20000))
-MAX_IMAGE = int(LIMITS.get("max_image_bytes", 10 * 1024 * 1024))
+MAX_K, MAX_LIKED = LIMITS.max_k, LIMITS.max_liked_items
+MAX_TEXT, MAX_IMAGE = LIMITS.max_text_chars, LIMITS.max_image_bytes
 
 K = Annotated[int, Field(ge=1, le=MAX_K, description=f"how many results (1–{MAX_K})")]
 Id = Annotated[str, Field(min_length=1, max_length=256)]

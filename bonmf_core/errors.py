@@ -25,3 +25,8 @@ class ConfigMismatchError(ValueError):
 
 class LeakageError(ValueError):
     """Train and test share interactions; evaluating would report inflated numbers."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range; the message names
+    the file (or the command-line option) and the key path."""

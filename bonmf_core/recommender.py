@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import load_model, load_tensors, save_model
-from .dataset import Dataset
-from .model import BoNMF
+from bonmf_core.config import BonmfConfig
+from bonmf_core.models.artifacts import load_model, load_tensors, save_model
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.models.bonmf import BoNMF
 
 
 class Recommender:
@@ -27,23 +28,22 @@ class Recommender:
         self.metadata = metadata or {}
 
     @classmethod
-    def fit(cls, dataset: Dataset, variant: str = "id", params: dict | None = None,
+    def fit(cls, dataset: Dataset, variant: str = "id", config: BonmfConfig | None = None,
             seed: int = 0) -> "Recommender":
         """Train on all of `dataset`: leave-one-out validation picks the epochs, then a refit
-        on every interaction (params['train']['refit'])."""
-        from .experiment import fit_variant, modalities_of
-        from .features import content_features
-        from .params import load_params
-        from .splits import implicit_pairs, leave_one_out_split, positive_matrix
+        on every interaction (`config.train.refit`). `config`: None = the schema defaults."""
+        from bonmf_core.experiment.variants import fit_variant, modalities_of
+        from bonmf_core.content.features import content_features
+        from bonmf_core.data.splits import implicit_pairs, leave_one_out_split, positive_matrix
 
-        params = params or load_params()
+        config = config or BonmfConfig()
         features, report = content_features(
-            dataset, [m for m in modalities_of(variant) if m != "id"], params.get("encoders"))
+            dataset, [m for m in modalities_of(variant) if m != "id"], config.encoders)
         # Validation only picks the epoch count here; a small catalog gets fewer negatives.
         most_seen = int(implicit_pairs(dataset).groupby("user").size().max())
         n_negatives = max(1, min(99, dataset.n_items - most_seen))
         split = leave_one_out_split(dataset, seed=seed, n_negatives=n_negatives)
-        model, result = fit_variant(variant, dataset, split, params, seed, features)
+        model, result = fit_variant(variant, dataset, split, config, seed, features)
         if not isinstance(model, BoNMF):
             raise ValueError(f"Recommender wraps BoNMF variants, not {variant!r}")
         seen = positive_matrix(dataset.n_users, dataset.n_items, implicit_pairs(dataset))

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,36 +16,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .atomic import atomic_file
-from .evaluation import evaluate
-from .splits import Split
+from bonmf_core.atomic import atomic_file
+from bonmf_core.config import TrainConfig
+from bonmf_core.evaluation.evaluator import evaluate
+from bonmf_core.data.splits import Split
 
-log = logging.getLogger("bonmf.training")
+log = logging.getLogger(__name__)
 
 
 MIN_STEPS, MIN_BATCH = 64, 512
-
-
-@dataclass
-class TrainConfig:
-    loss: str = "bce"             # "bce": pointwise with sampled negatives; "bpr": pairwise
-    negatives: int = 4            # sampled negatives per positive
-    epochs: int = 30
-    batch_size: int = 4096
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    embedding_reg: float = 0.0    # L2 on the vectors of each batch (not on whole tables)
-    lr_decay: float = 1.0         # learning rate × this after every epoch
-    patience: int = 3             # epochs without validation gain before stopping
-    metric: str = "ndcg@10"       # validation metric for early stopping
-    seed: int = 0
-    checkpoint_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("bce", "bpr"):
-            raise ValueError(f"loss must be 'bce' or 'bpr', not {self.loss!r}")
-        if self.negatives < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("negatives, batch_size and epochs must be positive")
 
 
 @dataclass
@@ -108,11 +87,11 @@ def _set_seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)  # shuffling and negatives
 
 
-def train(model: nn.Module, split: Split, config: TrainConfig | None = None,
-          validate: bool = True) -> TrainResult:
-    """Fit `model` on `split.train`, early-stopping on `split.valid`; keeps the best weights."""
-    cfg = config or TrainConfig()
-    gen = _set_seed(cfg.seed)
+def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
+          checkpoint_dir: str | Path | None = None, validate: bool = True) -> TrainResult:
+    """Fit `model` on `split.train`, early-stopping on `split.valid` by `cfg.metric`; keeps the
+    best weights (also written to `checkpoint_dir` when given)."""
+    gen = _set_seed(seed)
     # Denormal floats slow CPU training ~1.7× after a few epochs; flushing them changes no metric.
     torch.set_flush_denormal(True)
     users = split.train["user"].to_numpy()
@@ -144,16 +123,16 @@ def train(model: nn.Module, split: Split, config: TrainConfig | None = None,
                   "samples_per_s": n_samples / seconds}
         if validate:
             model.eval()
-            record["valid"] = evaluate(model, split, "valid")
+            record["valid"] = evaluate(model, split, "valid", ks=(cfg.metric_k,))
             metric = record["valid"][cfg.metric]
             if metric > best_metric:
                 best_metric, best_epoch, stale = metric, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
-                _checkpoint(model, cfg, record)
+                _checkpoint(model, cfg, record, checkpoint_dir, seed)
             else:
                 stale += 1
         history.append(record)
-        log.info("epoch %d/%d loss %.4f%s %.2fM samples/s %.1fs", epoch, cfg.epochs, loss_sum,
+        log.debug("epoch %d/%d loss %.4f%s %.2fM samples/s %.1fs", epoch, cfg.epochs, loss_sum,
                  f" valid {cfg.metric} {record['valid'][cfg.metric]:.4f}" if validate else "",
                  record["samples_per_s"] / 1e6, seconds)
         if validate and stale >= cfg.patience:
@@ -162,32 +141,33 @@ def train(model: nn.Module, split: Split, config: TrainConfig | None = None,
         model.load_state_dict(best_state)
     else:
         best_epoch = epoch
-        _checkpoint(model, cfg, history[-1] if history else {})
+        _checkpoint(model, cfg, history[-1] if history else {}, checkpoint_dir, seed)
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_metric=best_metric if validate else float("nan"),
                        epochs_run=epoch, seconds=train_seconds,
                        samples_per_s=samples / max(train_seconds, 1e-9), history=history)
 
 
-def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainConfig,
-                     refit: bool = True) -> tuple[nn.Module, TrainResult]:
-    """Early-stop on `split.valid`, then (with `refit`) train a fresh model on train ∪ valid
+def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainConfig, *,
+                     seed: int = 0) -> tuple[nn.Module, TrainResult]:
+    """Early-stop on `split.valid`, then (with `cfg.refit`) train a fresh model on train ∪ valid
     for the selected number of epochs, same seed.
 
     Under leave-one-out the validation interaction is each user's second latest — the most
     informative for predicting the latest; holding it out of the final model costs ~0.015
     HR@10 on ML-1M. The test set is never seen by either stage.
     """
-    torch.manual_seed(cfg.seed)  # the initial weights are part of the seeded run
+    torch.manual_seed(seed)  # the initial weights are part of the seeded run
     model = build()
-    result = train(model, split, cfg)
-    if not refit or len(split.valid) == 0:
+    result = train(model, split, cfg, seed=seed)
+    if not cfg.refit or len(split.valid) == 0:
         return model, result
     merged = replace(split, train=pd.concat([split.train, split.valid], ignore_index=True),
                      valid=split.valid.iloc[:0], valid_negatives=None)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     final = build()
-    second = train(final, merged, replace(cfg, epochs=result.best_epoch), validate=False)
+    second = train(final, merged, cfg.model_copy(update={"epochs": result.best_epoch}),
+                   seed=seed, validate=False)
     result.refit = {"epochs": second.epochs_run, "seconds": second.seconds,
                     "train_pairs": len(merged.train)}
     result.seconds += second.seconds
@@ -229,14 +209,16 @@ def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float
     return total / len(users), len(users) * width
 
 
-def _checkpoint(model: nn.Module, cfg: TrainConfig, record: dict) -> None:
+def _checkpoint(model: nn.Module, cfg: TrainConfig, record: dict, checkpoint_dir, seed: int
+                ) -> None:
     """Write the best weights so far (safetensors) and the epoch's record, atomically."""
-    if not cfg.checkpoint_dir:
+    if not checkpoint_dir:
         return
     from safetensors.torch import save_file
 
-    folder = Path(cfg.checkpoint_dir)
+    folder = Path(checkpoint_dir)
     with atomic_file(folder / "best.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     with atomic_file(folder / "best.json") as tmp:
-        tmp.write_text(json.dumps({"train_config": asdict(cfg), "record": record}, default=float))
+        tmp.write_text(json.dumps({"train_config": cfg.model_dump(), "seed": seed,
+                                   "record": record}, default=float))

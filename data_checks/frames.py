@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 # Catalog columns with a fixed meaning; every other catalog column is a free text field
-# (same rule as bonmf_core.dataset.CATALOG_CORE_COLUMNS).
+# (same rule as bonmf_core.data.dataset.CATALOG_CORE_COLUMNS).
 CATALOG_CORE_COLUMNS = ("item_id", "title", "genres", "image_path")
 
 # Derived column -> the input column it is read from, so a failure names what to fix.

@@ -11,7 +11,7 @@ import json
 
 import dagster as dg
 
-from bonmf_core import registry
+from bonmf_core.ops import registry
 
 from .assets.ingest import dataset_snapshot
 from .resources import ParamsResource, StateResource, StoreResource
@@ -38,12 +38,12 @@ SPECS.append(dg.AssetCheckSpec("drift", asset=dataset_snapshot, description=DRIF
                                   "outcome is recorded with the snapshot in the registry.")
 def snapshot_checks(context: dg.AssetCheckExecutionContext, dataset_snapshot: dict,
                     params: ParamsResource, state: StateResource, store: StoreResource):
-    from bonmf_core import stages
+    from bonmf_core.ops import stages
 
     digest = dataset_snapshot["content_hash"]
     with store.open() as s:
         previous = registry.last_accepted_snapshot(s, exclude=digest)
-    _, result = stages.validate(dataset_snapshot["path"], params.load()["checks"],
+    _, result = stages.validate(dataset_snapshot["path"], params.load().checks,
                                 previous_profile=previous and previous["profile"],
                                 docs_root=state.path / "data_docs" / digest)
     report = result.to_dict()

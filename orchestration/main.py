@@ -50,11 +50,27 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
     return {k: round(ends[k] - starts[k], 3) for k in starts if k in ends}
 
 
-def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | None = None,
-                 store_url: str | None = None, force: bool = False,
+def write_run_config(cfg, state: Path) -> Path:
+    """The resolved configuration as a complete params file, `<state>/configs/<hash>.yaml`:
+    what the run's ParamsResource reads, and a record of exactly what it ran with."""
+    import yaml
+
+    from bonmf_core.atomic import atomic_file
+    from bonmf_core.hashing import sha256_json
+
+    values = cfg.dump()
+    path = Path(state) / "configs" / f"{sha256_json(values)[:16]}.yaml"
+    if not path.exists():
+        with atomic_file(path) as tmp:
+            tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
                  forced_by: str | None = None, tags: dict | None = None,
-                 log_level: str = "INFO") -> dict:
-    """Materialize every asset (and its checks) in-process; → a summary dict.
+                 log_level: str = "WARNING", progress: bool = False) -> dict:
+    """Materialize every asset (and its checks) in-process with the configuration `cfg`
+    (a BonmfConfig); → a summary dict.
 
     summary: success, run_id, seconds, steps (seconds per step), failed_steps, checks (name →
     passed), and on success the evaluation (table, report paths), the candidate and the gate
@@ -70,16 +86,20 @@ def run_pipeline(params: dict, *, params_path: str | None = None, state: Path | 
 
     import dagster as dg
 
-    from .config import run_config_from_params
     from .definitions import build_definitions
     from .resources import StoreResource
     from .sensors import record_failed_run
 
-    defs = build_definitions(params_path=params_path, state_root=str(state), store_url=store_url)
+    params_path = str(write_run_config(cfg, state))
+    store_url = cfg.encoders.store_url
+    defs = build_definitions(params_path=params_path, state_root=str(state), store_url=store_url,
+                             progress=progress)
     job = defs.resolve_job_def("retrain")
     started = time.perf_counter()
-    run_config = run_config_from_params(params, force=force, forced_by=forced_by)
-    run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    run_config = {"ops": {"promotion_decision": {"config": {"force": force,
+                                                            "forced_by": forced_by}}},
+                  "loggers": {"console": {"config": {"log_level": log_level}},
+                              **({"progress": {}} if progress else {})}}
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             run_config=run_config,

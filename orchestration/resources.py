@@ -1,4 +1,4 @@
-"""Typed resources: the metadata store, the state folders and the params file."""
+"""Typed resources: the metadata store, the state folders and the run's configuration."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ from typing import Iterator
 
 import dagster as dg
 
-from bonmf_core.params import load_params
+from bonmf_core.config import BonmfConfig, load_config
 from bonmf_core.settings import state_dir
-
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-
 
 class StoreResource(dg.ConfigurableResource):
     """The SQLAlchemy metadata store (embedding cache + registry). None = SQLite in the state
@@ -22,7 +19,7 @@ class StoreResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def open(self) -> Iterator:
-        from bonmf_core.store import Store
+        from bonmf_core.store.database import Store
 
         store = Store(self.url)
         try:
@@ -52,10 +49,18 @@ class StateResource(dg.ConfigurableResource):
 
 
 class ParamsResource(dg.ConfigurableResource):
-    """The one hyper-parameter file every entry point reads (params.yaml at the repo root).
-    The asset configs override the knobs they expose; everything else comes from here."""
+    """The run's one configuration object (`bonmf_core.config.BonmfConfig`), resolved the way
+    every entry point resolves it: schema defaults < the params file < `set`.
 
-    path: str | None = str(REPO_PARAMS) if REPO_PARAMS.exists() else None
+    path: the params file; empty = `$BONMF_PARAMS`, else ./params.yaml where it exists.
+    set: `section.key=value` overrides (YAML values), applied in order — what `bonmf run
+    --set` and its flags pass, and what a launch from the UI edits.
+    Every asset reads its section from `load()`; a bad key fails the run at its first step,
+    naming the key path.
+    """
 
-    def load(self) -> dict:
-        return load_params(self.path)
+    path: str | None = None
+    set: list[str] = []
+
+    def load(self) -> BonmfConfig:
+        return load_config(self.path or None, self.set)

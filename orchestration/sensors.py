@@ -3,28 +3,28 @@
 
 import dagster as dg
 
-from bonmf_core import registry
-from bonmf_core.snapshot import source_fingerprint
+from bonmf_core.ops import registry
+from bonmf_core.data.snapshot import source_fingerprint
 
-from .config import DEFAULTS, run_config_from_params
+from bonmf_core.config import load_config
+
 from .jobs import retrain_job
 from .resources import ParamsResource, StoreResource
 
 
-@dg.sensor(job=retrain_job, minimum_interval_seconds=DEFAULTS["retrain"]["sensor_interval_s"],
+@dg.sensor(job=retrain_job, minimum_interval_seconds=load_config().retrain.sensor_interval_s,
            default_status=dg.DefaultSensorStatus.STOPPED,
            description="Fingerprints the configured source (file bytes, poster names and "
                        "sizes; the demo's arguments) and requests a retrain whose run key is "
                        "that fingerprint: the same data never trains twice.")
 def new_data_sensor(context: dg.SensorEvaluationContext, params: ParamsResource):
-    loaded = params.load()
-    data = loaded["data"]
-    fingerprint = source_fingerprint(data["source"], data["demo_seed"], data["demo_users"],
-                                     data["demo_items"])
+    data = params.load().data
+    fingerprint = source_fingerprint(data.source, data.demo_seed, data.demo_users,
+                                     data.demo_items)
     if context.cursor == fingerprint:
-        return dg.SkipReason(f"source {data['source']} unchanged ({fingerprint})")
+        return dg.SkipReason(f"source {data.source} unchanged ({fingerprint})")
     context.update_cursor(fingerprint)
-    return dg.RunRequest(run_key=fingerprint, run_config=run_config_from_params(loaded),
+    return dg.RunRequest(run_key=fingerprint,
                          tags={"bonmf/trigger": "new_data", "bonmf/source_fingerprint": fingerprint})
 
 

@@ -21,7 +21,7 @@ def _isolated_state(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
-    from bonmf_core.demo import demo_dataset
+    from bonmf_core.data.demo import demo_dataset
 
     return demo_dataset(seed=0, n_users=600, n_items=250,
                         image_dir=tmp_path_factory.mktemp("demo-images"))
@@ -37,7 +37,7 @@ def shared_dataset(name: str) -> Path:
 @pytest.fixture(scope="session")
 def ml1m():
     """The real MovieLens-1M, read once per session; skipped where ../shared is absent."""
-    from bonmf_core.readers import read_movielens
+    from bonmf_core.data.readers import read_movielens
 
     return read_movielens(shared_dataset("ml-1m"))
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from bonmf_core.artifacts import load_model, save_model
+from bonmf_core.models.artifacts import load_model, save_model
 from bonmf_core.errors import ConfigMismatchError
-from bonmf_core.model import BoNMF, BoNMFConfig
+from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 
 
 def _model(n_users=12, n_items=9):

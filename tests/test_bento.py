@@ -16,11 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonmf_core.params import load_params
 from bonmf_core.recommender import Recommender
-
-FAST = {"train": {"epochs": 6, "batch_size": 1024, "lr": 0.01, "refit": False},
-        "encoders": {"source": "basic"}}
+from test_serving import fast_config
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +28,13 @@ def packaged(small_demo, tmp_path_factory):
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("bento")
-    params = load_params(None, FAST)
-    Recommender.fit(small_demo, "text+image", params).save(folder / "model")
+    config = fast_config()
+    Recommender.fit(small_demo, "text+image", config).save(folder / "model")
     small_demo.save(folder / "dataset")
     info = {"model_version": 11, "variant": "text+image", "metrics": {"ndcg@10": 0.61},
             "protocol": {"name": "ncf", "ks": [10]}, "dataset_hash": small_demo.content_hash()}
-    first = package(folder / "model", folder / "dataset", folder / "out", params, info)
-    again = package(folder / "model", folder / "dataset", folder / "out", params, info)
+    first = package(folder / "model", folder / "dataset", folder / "out", config, info)
+    again = package(folder / "model", folder / "dataset", folder / "out", config, info)
     return first, again, folder
 
 
@@ -58,6 +55,13 @@ def test_packaging_is_recorded_and_skipped_when_unchanged(packaged):
     # Offline build: nothing was locked against an index; the pins are the installed ones.
     requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
     assert "torch==" in requirements and "bentoml==" in requirements
+    # Only what serving needs: no store (SQLAlchemy), no bundle builder, no training.
+    assert "sqlalchemy" not in requirements.lower()
+    src = Path(bento.path) / "src"
+    assert (src / "bonmf_core" / "serving" / "engine.py").exists()
+    assert not (src / "bonmf_core" / "store").exists()
+    assert not (src / "bonmf_core" / "serving" / "bundle.py").exists()
+    assert not (src / "bonmf_core" / "training.py").exists()
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +184,9 @@ def test_each_build_pins_its_own_model_in_one_process(packaged, small_demo, tmp_
     from bentos.packaging import package
 
     first, _, folder = packaged
-    params = load_params(None, FAST)
-    Recommender.fit(small_demo, "id", params).save(tmp_path / "model")
-    second = package(tmp_path / "model", folder / "dataset", tmp_path / "out", params,
+    config = fast_config()
+    Recommender.fit(small_demo, "id", config).save(tmp_path / "model")
+    second = package(tmp_path / "model", folder / "dataset", tmp_path / "out", config,
                      {"model_version": 12})
     assert second["model_tag"] != first["model_tag"]
     for record in (first, second):

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bonmf_core.catalog_encoding import (EncoderSettings, compose_item_texts, encode_catalog,
+from bonmf_core.content.catalog import (EncoderSettings, compose_item_texts, encode_catalog,
                                          with_content_features)
-from bonmf_core.dataset import Dataset
-from bonmf_core.embedding_cache import EmbeddingCache
-from bonmf_core.schema import SCHEMA_VERSION, SchemaVersion
-from bonmf_core.store import Store, StoreVersionError
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.content.embedding_cache import EmbeddingCache
+from bonmf_core.store.schema import SCHEMA_VERSION, SchemaVersion
+from bonmf_core.store.database import Store, StoreVersionError
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = EncoderSettings(device="cpu", batch_size=8, image_workers=0)
@@ -103,10 +103,10 @@ def test_missing_and_corrupt_images_are_masked_and_counted(small_demo, store, tm
 _WORKER = """
 import sys, os
 import numpy as np
-from bonmf_core.catalog_encoding import EncoderSettings, encode_catalog
-from bonmf_core.demo import demo_dataset
-from bonmf_core.embedding_cache import EmbeddingCache
-from bonmf_core.store import Store
+from bonmf_core.content.catalog import EncoderSettings, encode_catalog
+from bonmf_core.data.demo import demo_dataset
+from bonmf_core.content.embedding_cache import EmbeddingCache
+from bonmf_core.store.database import Store
 
 url, crash_after, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 data = demo_dataset(seed=0, n_users=100, n_items=40, image_dir=sys.argv[4])
@@ -174,10 +174,10 @@ def test_unknown_encoder_setting_refused():
 
 def test_cold_items_recommended_through_pretrained_content(small_demo, store):
     """BoNMF text+image on encoder vectors ranks never-seen items far above chance."""
-    from bonmf_core.evaluation import evaluate
-    from bonmf_core.experiment import fit_variant
+    from bonmf_core.evaluation.evaluator import evaluate
+    from bonmf_core.experiment.variants import fit_variant
     from bonmf_core.params import load_params
-    from bonmf_core.splits import cold_item_split
+    from bonmf_core.data.splits import cold_item_split
 
     data = with_content_features(small_demo, encode_catalog(small_demo, store, SETTINGS))
     split = cold_item_split(data, seed=0)

@@ -6,14 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bonmf_core.artifacts import load_model
+from bonmf_core.models.artifacts import load_model
 from test_registry import write_movielens
 
 
 def _bonmf(*args, env_extra=None, cwd=None):
     # One intra-op thread: the same results, without OpenMP stalls on a busy shared machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "bonmf_core.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=900)
 
 

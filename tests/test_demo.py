@@ -1,7 +1,7 @@
 import numpy as np
 
-from bonmf_core.demo import demo_dataset
-from bonmf_core.features import basic_content_features
+from bonmf_core.data.demo import demo_dataset
+from bonmf_core.content.features import basic_content_features
 
 
 def test_same_seed_same_data_other_seed_other_data(tmp_path):
@@ -42,7 +42,7 @@ def test_content_carries_taste(small_demo):
 
 
 def test_genres_are_theme_names(small_demo):
-    from bonmf_core.demo import THEMES
+    from bonmf_core.data.demo import THEMES
 
     genres = set("|".join(small_demo.items["genres"]).split("|"))
     assert genres <= set(THEMES) and len(genres) >= 6

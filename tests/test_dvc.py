@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonmf_core import registry
+from bonmf_core.ops import registry
 from bonmf_core.params import load_params
-from bonmf_core.store import Store
+from bonmf_core.store.database import Store
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -233,7 +233,7 @@ def test_each_promotion_is_pushed_committed_and_recorded(promoted_twice):
     # The workspace copy is the production model; the dataset is complete (pictures inside).
     assert tree_digest(root / "promoted" / "model")["model/model.safetensors"] == \
         tree_digest(state / "production" / "model")["model/model.safetensors"]
-    from bonmf_core.dataset import Dataset
+    from bonmf_core.data.dataset import Dataset
     dataset = Dataset.load(root / "promoted" / "dataset")
     assert dataset.content_hash() == v2["dataset_hash"]
     assert all((root / p).is_file() for p in dataset.items["image_path"])
@@ -342,7 +342,7 @@ def _object(store_root: Path, md5: str) -> Path:
 
 def test_promotion_commit_works_without_a_git_identity(tmp_path, monkeypatch):
     """A fresh machine has no user.name/email: the pointer-file commit must still land."""
-    from bonmf_core.versioning import _commit
+    from bonmf_core.ops.versioning import _commit
 
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-global-config"))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bonmf_core.encoders import (ImageEncoder, TextEncoder, default_image_weights_path,
+from bonmf_core.content.encoders import (ImageEncoder, TextEncoder, default_image_weights_path,
                                  image_identity, image_weights_hash, pick_device,
                                  resolve_precision, text_identity, text_weights_hash)
 
@@ -77,7 +77,7 @@ def test_batchnorm_folding_is_exact(small_demo):
     import timm
     from PIL import Image
 
-    from bonmf_core.encoders import _fold_batchnorm
+    from bonmf_core.content.encoders import _fold_batchnorm
 
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_lite0").eval()
@@ -169,7 +169,7 @@ def test_precision_choice():
 def test_text_model_from_a_local_folder_is_a_configuration_change(text_encoder):
     """A folder (or hub name such as roberta-base where the hub is reachable) replaces the
     default by configuration; the same weights give the same vectors and weights hash."""
-    from bonmf_core.encoders import default_text_model_path
+    from bonmf_core.content.encoders import default_text_model_path
 
     folder = str(default_text_model_path())
     encoder = TextEncoder(folder, device="cpu", precision="fp32")

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bonmf_core.baselines import Popularity
-from bonmf_core.demo import demo_dataset
-from bonmf_core.evaluation import evaluate, evaluate_sampled
-from bonmf_core.splits import Split, make_split, positive_matrix
+from bonmf_core.models.baselines import Popularity
+from bonmf_core.data.demo import demo_dataset
+from bonmf_core.evaluation.evaluator import evaluate, evaluate_sampled
+from bonmf_core.data.splits import Split, make_split, positive_matrix
 
 LOG2_3 = math.log2(3)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bonmf_core.metrics import (full_ranking_metrics, hit_ratio_at_k, mean_std, ndcg_at_k,
+from bonmf_core.evaluation.metrics import (full_ranking_metrics, hit_ratio_at_k, mean_std, ndcg_at_k,
                                 rank_of_positive, sampled_metrics)
 
 LOG2_3 = math.log2(3)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bonmf_core.model import BoNMF, BoNMFConfig
+from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 
 
 def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0):

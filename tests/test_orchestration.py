@@ -12,10 +12,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from bonmf_core import registry
+from bonmf_core.ops import registry
 from bonmf_core.params import load_params
-from bonmf_core.registry import directory_sha256
-from bonmf_core.store import Store
+from bonmf_core.hashing import sha256_tree as directory_sha256
+from bonmf_core.store.database import Store
 from test_registry import write_movielens
 
 TINY = {"data": {"demo_users": 300, "demo_items": 250},
@@ -115,7 +115,7 @@ def test_whole_graph_on_the_demo_ends_with_a_promoted_model(first_run, state):
     assert package["packaged"] and not package["reused"]
     archive = Path(package["archive"])
     assert archive.exists() and archive.parent == Path(state) / "artifacts" / "bento"
-    from bonmf_core.artifacts import file_sha256
+    from bonmf_core.hashing import sha256_file as file_sha256
     assert file_sha256(archive) == package["archive_sha256"]
     store = _store(state)
     try:
@@ -124,7 +124,7 @@ def test_whole_graph_on_the_demo_ends_with_a_promoted_model(first_run, state):
         store.dispose()
 
     # The production model serves: load it back.
-    from bonmf_core.artifacts import load_model
+    from bonmf_core.models.artifacts import load_model
     model, meta, ids = load_model(production)
     assert meta["variant"] == s["candidate"]["variant"] and len(ids["item_ids"]) == 250
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bonmf_core.dataset import Dataset
+from bonmf_core.data.dataset import Dataset
 from bonmf_core.errors import DataError
-from bonmf_core.readers import read_generic, read_movielens
+from bonmf_core.data.readers import read_generic, read_movielens
 
 # -- a small MovieLens-1M-format directory -------------------------------------------------
 

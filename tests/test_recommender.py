@@ -49,7 +49,7 @@ def test_save_load_round_trip_and_unknown_ids(rec, small_demo, tmp_path):
 def test_fit_on_a_catalog_too_small_for_99_negatives():
     import pandas as pd
 
-    from bonmf_core.dataset import Dataset
+    from bonmf_core.data.dataset import Dataset
 
     users = [u for u in range(40) for _ in range(6)]
     items = [(u + k) % 30 for u in range(40) for k in range(6)]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonmf_core import registry
-from bonmf_core.promotion import GateConfig, decide
-from bonmf_core.snapshot import (dataset_from_raw, load_snapshot, raw_tables_from_dataset,
+from bonmf_core.ops import registry
+from bonmf_core.ops.promotion import GateConfig, decide
+from bonmf_core.data.snapshot import (dataset_from_raw, load_snapshot, raw_tables_from_dataset,
                                  read_raw_movielens, save_snapshot, source_fingerprint)
-from bonmf_core.store import Store
+from bonmf_core.store.database import Store
 
 GATE = GateConfig(primary_metric="ndcg@10", min_improvement=0.01,
                   floors={"hr@10": 0.3, "ndcg@10": 0.1}, beat_baselines=True)
@@ -88,7 +88,7 @@ def test_v1_store_migrates_to_v2_keeping_its_rows(tmp_path):
     """A store written before the bento_tag / dvc_json columns gains them, rows intact."""
     import sqlite3
 
-    from bonmf_core.schema import SCHEMA_VERSION
+    from bonmf_core.store.schema import SCHEMA_VERSION
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     s = Store(url)
@@ -205,7 +205,7 @@ def write_movielens(folder, ratings=None, broken_posters=()):
 
 
 def test_lenient_movielens_builds_exactly_what_the_strict_reader_builds(tmp_path):
-    from bonmf_core.readers import read_movielens
+    from bonmf_core.data.readers import read_movielens
 
     folder = write_movielens(tmp_path / "ml")
     raw = read_raw_movielens(folder)

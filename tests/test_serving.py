@@ -1,21 +1,33 @@
 """The service's logic (bonmf_core.serving) and the BentoML service class, in-process, on
 models trained on the demo: seen items excluded, popularity fallback flagged, fold-in and new
-items landing near their kind, 4xx-type errors naming the field or the unknown ids."""
+items landing near their kind, 4xx-type errors naming the field or the unknown ids; every
+score the model's own; the runtime free of the store (SQLAlchemy)."""
 
 import io
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bonmf_core.params import load_params
+from bonmf_core.config import EncodersConfig, load_config
 from bonmf_core.recommender import Recommender
-from bonmf_core.serving import (NewItem, RequestError, ServingEngine, UnknownIdError,
-                                write_bundle)
+from bonmf_core.serving.bundle import write_bundle
+from bonmf_core.serving.engine import NewItem, RequestError, ServingEngine, UnknownIdError
 
-FAST = {"train": {"epochs": 6, "batch_size": 1024, "lr": 0.01, "refit": False},
-        "encoders": {"source": "basic"}}
+FAST = ["train.epochs=6", "train.batch_size=1024", "train.lr=0.01", "train.refit=false",
+        "encoders.source=basic"]
+BASIC = EncodersConfig(source="basic")
+
+
+def fast_config():
+    """The schema's defaults (no params file) with a short training."""
+    return load_config(None, FAST, use_default_file=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,24 +38,24 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _bundle(tmp_path_factory, dataset, variant: str, encoders: dict) -> Path:
-    params = load_params(None, FAST)
+def _bundle(tmp_path_factory, dataset, variant: str, encoders: EncodersConfig) -> Path:
+    config = fast_config()
     folder = tmp_path_factory.mktemp(f"serving-{variant.replace('+', '_')}")
-    Recommender.fit(dataset, variant, params).save(folder / "model")
+    Recommender.fit(dataset, variant, config).save(folder / "model")
     return write_bundle(folder / "bundle", folder / "model", dataset, encoders,
                         info={"model_version": 3, "metrics": {"ndcg@10": 0.5},
                               "protocol": {"name": "ncf"}},
-                        limits=params["serving"])
+                        serving=config.serving)
 
 
 @pytest.fixture(scope="module")
 def content_engine(small_demo, tmp_path_factory):
-    return ServingEngine(_bundle(tmp_path_factory, small_demo, "text+image", {"source": "basic"}))
+    return ServingEngine(_bundle(tmp_path_factory, small_demo, "text+image", BASIC))
 
 
 @pytest.fixture(scope="module")
 def id_engine(small_demo, tmp_path_factory):
-    return ServingEngine(_bundle(tmp_path_factory, small_demo, "id", {"source": "basic"}))
+    return ServingEngine(_bundle(tmp_path_factory, small_demo, "id", BASIC))
 
 
 def _genres(dataset) -> dict:
@@ -62,7 +74,7 @@ def _new_space_item(dataset) -> NewItem:
     """A new item of one kind (space): words of pure-space catalog items, a space picture."""
     from PIL import Image
 
-    from bonmf_core.demo import THEMES, _draw_picture
+    from bonmf_core.data.demo import THEMES, _draw_picture
 
     rng = np.random.default_rng(7)
     pure = dataset.items[dataset.items["genres"] == "space"]
@@ -203,28 +215,27 @@ def test_metadata_carries_version_metrics_protocol_and_encoders(content_engine, 
 
 
 def test_bundle_refuses_a_model_from_other_data(small_demo, content_engine, tmp_path):
-    from bonmf_core.dataset import Dataset
-    from bonmf_core.demo import demo_dataset
+    from bonmf_core.data.dataset import Dataset
+    from bonmf_core.data.demo import demo_dataset
 
     model_dir = content_engine.path / "model"
     other = demo_dataset(seed=1, n_users=100, n_items=40, image_dir=tmp_path / "img")
     with pytest.raises(ValueError, match="id maps do not match dataset"):
-        write_bundle(tmp_path / "a", model_dir, other, {"source": "basic"})
+        write_bundle(tmp_path / "a", model_dir, other, BASIC)
     # Same ids, other texts: the text features the model was trained on differ.
     items = small_demo.items.copy()
     items["overview"] = "entirely different words"
     edited = Dataset(name=small_demo.name, interactions=small_demo.interactions, items=items,
                      users=small_demo.users, rating_scale=small_demo.rating_scale)
     with pytest.raises(ValueError, match="text features differ"):
-        write_bundle(tmp_path / "b", model_dir, edited, {"source": "basic"})
+        write_bundle(tmp_path / "b", model_dir, edited, BASIC)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_pretrained_encoders_travel_in_the_bundle(small_demo, tmp_path_factory):
     """The packaged MiniLM / EfficientNet give a catalog item's own content the vector the
     catalog was encoded with, so a new item lands in the same space."""
-    params = load_params()
-    bundle = _bundle(tmp_path_factory, small_demo, "id", params["encoders"])
+    bundle = _bundle(tmp_path_factory, small_demo, "id", EncodersConfig())
     assert (bundle / "encoders" / "text" / "config.json").exists()
     assert (bundle / "encoders" / "image" / "weights.safetensors").exists()
     engine = ServingEngine(bundle)
@@ -272,3 +283,119 @@ def test_service_class_answers_in_process_and_maps_errors(content_engine, tmp_pa
             asyncio.run(svc.similar_items(item_id="d1", k=5000))
     finally:
         os.environ.pop("BONMF_BENTO_MODEL", None)
+
+
+# -- the engine scores through the model's own methods ------------------------------------
+
+def test_engine_answers_are_the_models_methods(content_engine, small_demo):
+    """Every score the engine gives is a BoNMF method's output (score_sides, fold_in,
+    content_item_vectors), so a change of the model's head is a change of serving."""
+    e, m = content_engine, content_engine.model
+    all_items = torch.arange(len(e.item_ids))
+    with torch.inference_mode():
+        items = m.item_side(m.item_vectors(all_items))
+        u = e.user_index["u5"]
+        expected = m.score_sides(m.user_side(m.user_vectors(torch.tensor([u]))), items)[0]
+    answer = e.recommend("u5", k=10, exclude_seen=False)
+    top = torch.topk(expected, 10)
+    assert [i["item_id"] for i in answer["items"]] == [e.item_ids[i] for i in top.indices]
+    assert np.allclose([i["score"] for i in answer["items"]], top.values, atol=1e-5)
+    # Fold-in: the model's vector for the profile, scored by the model.
+    liked_ids = ["d1", "d4", "d9"]
+    liked = sorted(e.item_index[i] for i in liked_ids)
+    uv = m.fold_in(liked)
+    with torch.inference_mode():
+        scores = m.score_sides(m.user_side(uv[None]), items)[0]
+    answer = e.recommend_for_items(liked_ids, k=8, exclude_liked=False)
+    top = torch.topk(scores, 8)
+    assert [i["item_id"] for i in answer["items"]] == [e.item_ids[i] for i in top.indices]
+    assert np.allclose([i["score"] for i in answer["items"]], top.values, atol=1e-5)
+    # A new item: its vector is the model's content projection, its users the model's scores.
+    row = small_demo.items.iloc[40]
+    new = e.score_new_item(NewItem(title=row["title"], text=row["overview"],
+                                   genres=row["genres"],
+                                   image=Path(row["image_path"]).read_bytes()), k_users=6)
+    raw = {mod: torch.tensor(v)[None] for mod, v in new["embedding"].items()}
+    with torch.inference_mode():
+        iv = m.content_item_vectors(raw)[0]
+        user_scores = m.score_sides(m.user_side(m.user_vectors(torch.arange(len(e.user_ids)))),
+                                    m.item_side(iv[None]))[:, 0]
+    assert np.allclose(new["item_vector"], iv.tolist(), atol=1e-4)
+    top = torch.topk(user_scores, 6)
+    assert [x["user_id"] for x in new["users"]] == [e.user_ids[i] for i in top.indices]
+
+
+def test_a_changed_head_changes_the_served_scores(content_engine):
+    """The engine holds no copy of the head: a model whose output bias moved by 1 serves
+    every logit moved by 1 (same ranking)."""
+    engine = ServingEngine(content_engine.path, load_encoders=False)
+    before = engine.recommend("u5", k=5)["items"]
+    with torch.no_grad():
+        engine.model.out.bias += 1.0
+    after = engine.recommend("u5", k=5)["items"]
+    assert [i["item_id"] for i in after] == [i["item_id"] for i in before]
+    assert np.allclose([i["score"] for i in after], [i["score"] + 1.0 for i in before],
+                       atol=1e-5)
+
+
+def test_fold_in_is_deterministic_and_leaves_the_model_untouched(content_engine):
+    m = content_engine.model
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    a = m.fold_in([5, 2, 9])
+    b = m.fold_in([9, 5, 2, 5], content_engine.items)  # same profile: order, repeats
+    assert torch.equal(a, b) and a.shape == (m.user_embedding.embedding_dim,)
+    assert all(p.grad is None for p in m.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    # The fitted vector prefers its liked items to the catalog at large.
+    with torch.inference_mode():
+        scores = m.score_sides(m.user_side(a[None]), content_engine.items)[0]
+    assert scores[[2, 5, 9]].mean() > scores.mean()
+
+
+def test_score_sides_equals_the_pairwise_forward(content_engine):
+    """The all-pairs product (serving, score_users) gives the training forward's numbers."""
+    m = content_engine.model
+    users, items = torch.arange(0, 600, 37), torch.arange(0, 250, 11)
+    with torch.inference_mode():
+        pairwise = m(users[:, None].expand(-1, len(items)).reshape(-1),
+                     items.repeat(len(users))).reshape(len(users), len(items))
+        sides = m.score_sides(m.user_side(m.user_vectors(users)),
+                              m.item_side(m.item_vectors(items)))
+    assert torch.allclose(sides, pairwise, atol=1e-5)
+    assert torch.allclose(m.score_users(users, items), sides)
+
+
+def test_runtime_runs_from_the_bentos_files_without_sqlalchemy(content_engine, tmp_path):
+    """The service, from a copy of exactly the files a Bento carries (packaging.INCLUDE),
+    imports, loads its model and answers every API without SQLAlchemy or the store."""
+    from bentos.packaging import INCLUDE, REPO_ROOT, configure_bentoml, save_bento_model
+
+    configure_bentoml()
+    tag = save_bento_model(content_engine.path, "bonmf-runtime", {"model_version": "3"}, {})
+    src = tmp_path / "src"
+    for name in INCLUDE:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, src / name)
+    script = """
+import asyncio, json, sys
+import bentos.service as service
+svc = service.Recommendations()
+asyncio.run(svc.recommend(user_id="u5", k=3))
+svc.recommend_for_items(item_ids=["d1", "d2"], k=3)
+asyncio.run(svc.similar_items(item_id="d1", k=3))
+svc.score_new_item(title="The Nebula Saga", text="stars and ships", genres="space")
+asyncio.run(svc.metadata())
+ours = [m for m in sys.modules if m.split(".")[0] in ("bonmf_core", "bentos")]
+print(json.dumps({"sqlalchemy": [m for m in sys.modules if m.split(".")[0] == "sqlalchemy"],
+                  "modules": ours, "files": [sys.modules[m].__file__ for m in ours]}))
+"""
+    env = {**os.environ, "BONMF_BENTO_MODEL": tag, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=src, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["sqlalchemy"] == []
+    assert not [m for m in loaded["modules"] if m.startswith(("bonmf_core.store",
+                                                              "bonmf_core.serving.bundle"))]
+    assert all(Path(f).is_relative_to(src) for f in loaded["files"]), loaded["files"]

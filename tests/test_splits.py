@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bonmf_core.baselines import Popularity
-from bonmf_core.dataset import Dataset
-from bonmf_core.demo import demo_dataset
+from bonmf_core.models.baselines import Popularity
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.data.demo import demo_dataset
 from bonmf_core.errors import DataError, LeakageError
-from bonmf_core.evaluation import check_no_leakage, evaluate
-from bonmf_core.splits import (assert_no_overlap, cold_item_split, implicit_pairs,
+from bonmf_core.evaluation.evaluator import check_no_leakage, evaluate
+from bonmf_core.data.splits import (assert_no_overlap, cold_item_split, implicit_pairs,
                                leave_one_out_split, make_split, ncf_reference_split,
                                positive_matrix, ratio_split, sample_negatives)
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from bonmf_core.baselines import MatrixFactorization, Popularity
-from bonmf_core.evaluation import evaluate
-from bonmf_core.experiment import build_bonmf, fit_variant, run_protocol
-from bonmf_core.features import basic_content_features
+from bonmf_core.models.baselines import MatrixFactorization, Popularity
+from bonmf_core.evaluation.evaluator import evaluate
+from bonmf_core.experiment.variants import build_bonmf, fit_variant, run_protocol
+from bonmf_core.content.features import basic_content_features
 from bonmf_core.params import load_params
-from bonmf_core.splits import cold_item_split, leave_one_out_split
+from bonmf_core.data.splits import cold_item_split, leave_one_out_split
 from bonmf_core.training import NegativeSampler, TrainConfig, train, train_with_refit
 
 FAST = {"epochs": 4, "batch_size": 2048, "patience": 2}

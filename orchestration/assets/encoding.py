@@ -6,21 +6,21 @@ import time
 import dagster as dg
 import numpy as np
 
-from bonmf_core import stages
-
-from ..config import EncodingConfig, params_with
 from ..resources import ParamsResource, StateResource, StoreResource
 
 
-def _encode(context, modality: str, validated_dataset: dict, config: EncodingConfig,
-            params: ParamsResource, state: StateResource, store: StoreResource):
-    from bonmf_core.dataset import Dataset
+def _encode(context, modality: str, validated_dataset: dict, params: ParamsResource,
+            state: StateResource, store: StoreResource):
+    from bonmf_core.content.features import encode_modality
+    from bonmf_core.data.dataset import Dataset
 
     started = time.perf_counter()
-    section = params_with(config, params.load())["encoders"]
+    encoders = params.load().encoders
+    if encoders.store_url is None and store.url:
+        encoders = encoders.model_copy(update={"store_url": store.url})
     dataset = Dataset.load(validated_dataset["path"])
     try:
-        features = stages.encode(dataset, modality, section, store.url)
+        features = encode_modality(dataset, modality, encoders)
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
     out = features.save(state.folder("features", validated_dataset["dataset_hash"])
@@ -44,17 +44,17 @@ def _encode(context, modality: str, validated_dataset: dict, config: EncodingCon
           description="Text embeddings of the catalog (title | genres | overview | keywords; "
                       "offline MiniLM by default). Only items whose text changed are encoded; "
                       "the rest come from the embedding cache in the store.")
-def text_embeddings(context: dg.AssetExecutionContext, config: EncodingConfig,
-                    validated_dataset: dict, params: ParamsResource, state: StateResource,
+def text_embeddings(context: dg.AssetExecutionContext, validated_dataset: dict,
+                    params: ParamsResource, state: StateResource,
                     store: StoreResource) -> dg.MaterializeResult:
-    return _encode(context, "text", validated_dataset, config, params, state, store)
+    return _encode(context, "text", validated_dataset, params, state, store)
 
 
 @dg.asset(group_name="encoding", kinds={"pytorch"},
           description="Image embeddings of the catalog's posters (EfficientNet-Lite0 by "
                       "default), incremental through the embedding cache; unreadable images "
                       "are zero rows and counted.")
-def image_embeddings(context: dg.AssetExecutionContext, config: EncodingConfig,
-                     validated_dataset: dict, params: ParamsResource, state: StateResource,
+def image_embeddings(context: dg.AssetExecutionContext, validated_dataset: dict,
+                     params: ParamsResource, state: StateResource,
                      store: StoreResource) -> dg.MaterializeResult:
-    return _encode(context, "image", validated_dataset, config, params, state, store)
+    return _encode(context, "image", validated_dataset, params, state, store)

@@ -5,21 +5,19 @@ import time
 
 import dagster as dg
 
-from bonmf_core import registry, stages
+from bonmf_core.ops import registry, stages
 
-from ..config import SnapshotConfig
-from ..resources import StateResource, StoreResource
+from ..resources import ParamsResource, StateResource, StoreResource
 
 
 @dg.asset(group_name="ingest", kinds={"pandas", "parquet"},
           description="The configured source (demo, MovieLens-1M directory or saved dataset) "
                       "ingested leniently into raw tables, saved as parquet by content hash. "
                       "Its data-quality checks gate everything downstream.")
-def dataset_snapshot(context: dg.AssetExecutionContext, config: SnapshotConfig,
+def dataset_snapshot(context: dg.AssetExecutionContext, params: ParamsResource,
                      state: StateResource, store: StoreResource) -> dg.MaterializeResult:
     started = time.perf_counter()
-    data = config.apply({"data": {}})["data"]
-    info = stages.snapshot(data, root=state.folder("snapshots"))
+    info = stages.snapshot(params.load().data, root=state.folder("snapshots"))
     digest, path = info["content_hash"], info["path"]
     counts = {k: info[k] for k in ("n_users", "n_items", "n_interactions")}
     with store.open() as s:

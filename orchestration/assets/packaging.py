@@ -4,16 +4,15 @@ import time
 
 import dagster as dg
 
-from bonmf_core import registry
+from bonmf_core.ops import registry
 
-from ..config import EncodingConfig, params_with
 from ..resources import ParamsResource, StateResource, StoreResource
 
 
-class PackagingConfig(EncodingConfig):
-    """The encoders packaged with the model — the encoding assets' settings, since a content
-    model's features must be what they produce (packaging refuses otherwise) — and whether to
-    build the Bento."""
+class PackagingConfig(dg.Config):
+    """Whether to build the Bento (off: only the BentoML model is saved). The encoders packaged
+    with the model are the configuration's `encoders` section — the encoding assets' own, since
+    a content model's features must be what they produce (packaging refuses otherwise)."""
 
     build: bool = True
 
@@ -29,7 +28,7 @@ def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
                   promotion_decision: dict, validated_dataset: dict, params: ParamsResource,
                   state: StateResource, store: StoreResource) -> dg.MaterializeResult:
     from bentos.packaging import configure_bentoml, model_info, package
-    from bonmf_core.dataset import find_saved_dataset
+    from bonmf_core.data.dataset import find_saved_dataset
 
     started = time.perf_counter()
     with store.open() as s:
@@ -45,7 +44,7 @@ def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
                    else find_saved_dataset(state.path / "datasets",
                                            production["dataset_hash"]))
     record = package(state.production_dir, dataset_dir, state.folder("artifacts", "bento"),
-                     params_with(config, params.load()), model_info(production),
+                     params.load(), model_info(production),
                      build=config.build)
     with store.open() as s:
         registry.set_bento_tag(s, production["id"], record["model_tag"])

@@ -3,11 +3,18 @@
 
 import dagster as dg
 
-from bonmf_core import registry
-from bonmf_core.promotion import GateConfig, decide
+from bonmf_core.ops import registry
+from bonmf_core.ops.promotion import decide
 
-from ..config import PromotionConfig
-from ..resources import StateResource, StoreResource
+from ..resources import ParamsResource, StateResource, StoreResource
+
+
+class ForcePromotion(dg.Config):
+    """A person's override of the gate for this run (not a hyper-parameter: the gate's rules
+    are the configuration's `promotion` section)."""
+
+    force: bool = False
+    forced_by: str | None = None
 
 
 @dg.asset(group_name="promotion", kinds={"sqlite"},
@@ -15,12 +22,11 @@ from ..resources import StateResource, StoreResource
                       "the baselines and beat the production model by the configured margin. "
                       "Promotion copies the artifact atomically to <state>/production/model; a "
                       "hold records why. Re-running with the same candidate adds nothing.")
-def promotion_decision(context: dg.AssetExecutionContext, config: PromotionConfig,
+def promotion_decision(context: dg.AssetExecutionContext, config: ForcePromotion,
                        bonmf_candidate: dict, baselines: dict, offline_evaluation: dict,
-                       state: StateResource, store: StoreResource) -> dg.MaterializeResult:
-    gate = GateConfig(primary_metric=config.primary_metric,
-                      min_improvement=config.min_improvement, floors=dict(config.floors),
-                      beat_baselines=config.beat_baselines)
+                       params: ParamsResource, state: StateResource,
+                       store: StoreResource) -> dg.MaterializeResult:
+    gate = params.load().promotion
     baseline_means = {v: {k: m["mean"] for k, m in r.items()}
                       for v, r in baselines["results"].items()}
     with store.open() as s:

@@ -1,75 +1,78 @@
-"""Training: the splits, the BoNMF candidate (with its ablation variants) and the baselines."""
+"""Training: the splits, the BoNMF candidate (with its ablation variants) and the baselines.
+
+Both training assets run the experiment runner (`bonmf_core.experiment.runner.run_fits`) with
+the fit cache in the state folder, so an unchanged re-run trains nothing.
+"""
 
 
 import time
 
 import dagster as dg
 
-from bonmf_core import registry, stages
+from bonmf_core.ops import registry, stages
 
-from ..config import BaselineConfig, CandidateConfig, SplitConfig, params_with
 from ..resources import ParamsResource, StateResource, StoreResource
 
 
 def _dataset(validated_dataset: dict):
-    from bonmf_core.dataset import Dataset
+    from bonmf_core.data.dataset import Dataset
 
     return Dataset.load(validated_dataset["path"])
-
-
-def _checked(variants, role: str) -> list[str]:
-    try:
-        return stages.check_variants(variants, role)
-    except ValueError as exc:
-        raise dg.Failure(str(exc)) from exc
 
 
 @dg.asset(group_name="training", kinds={"numpy"},
           description="Train / validation / test splits per seed for the configured protocol "
                       "(ncf leave-one-out with 99 sampled negatives, full, or cold_items).")
-def splits(context: dg.AssetExecutionContext, config: SplitConfig, validated_dataset: dict,
+def splits(context: dg.AssetExecutionContext, validated_dataset: dict,
            params: ParamsResource) -> dg.MaterializeResult:
-    proto = params_with(config, params.load())["protocol"]
-    out = stages.make_splits(_dataset(validated_dataset), proto)
+    from bonmf_core.data.splits import make_splits
+
+    protocol = params.load().protocol
+    out = make_splits(_dataset(validated_dataset), protocol)
     described = [s.describe() for s in out]
     return dg.MaterializeResult(
-        value={"splits": out, "protocol": proto, "dataset_hash": validated_dataset["dataset_hash"]},
-        metadata={"protocol": proto["name"], "seeds": list(proto["seeds"]),
-                  "ks": list(proto["ks"]), "splits": dg.MetadataValue.json(described),
+        value={"splits": out, "protocol": protocol.model_dump(mode="json"),
+               "dataset_hash": validated_dataset["dataset_hash"]},
+        metadata={"protocol": protocol.name, "seeds": list(protocol.seeds),
+                  "ks": list(protocol.ks), "splits": dg.MetadataValue.json(described),
                   "train_rows": described[0]["train"], "test_rows": described[0]["test"]})
 
 
-def _fit_all(context, variants, validated_dataset: dict, splits: dict, params: dict,
+def _fit_all(context, variants, cfg, validated_dataset: dict, splits: dict,
              text_embeddings: dict, image_embeddings: dict, state) -> list[dict]:
+    from bonmf_core.experiment.runner import run_fits
+
     features, feature_ids = stages.load_features(
         variants, {"text": text_embeddings, "image": image_embeddings})
-    return stages.fit_variants(variants, _dataset(validated_dataset), splits["splits"], params,
-                               features, feature_ids, splits["dataset_hash"],
-                               state.folder("training"), report=context.log.info)
+    return run_fits(variants, _dataset(validated_dataset), splits["splits"], cfg, features,
+                    dataset_hash=splits["dataset_hash"], feature_ids=feature_ids,
+                    cache_root=state.folder("training"), report=context.log.info)
 
 
 @dg.asset(group_name="training", kinds={"pytorch"},
-          description="BoNMF variants trained on every seed's split (cached by data, features "
-                      "and hyper-parameters, so an unchanged re-run trains nothing); the best on "
-                      "the primary metric is the candidate, registered in the model registry.")
-def bonmf_candidate(context: dg.AssetExecutionContext, config: CandidateConfig,
-                    validated_dataset: dict, splits: dict, text_embeddings: dict,
-                    image_embeddings: dict, params: ParamsResource, state: StateResource,
-                    store: StoreResource) -> dg.MaterializeResult:
+          description="BoNMF variants (pipeline.candidates) trained on every seed's split "
+                      "(cached by data, features and hyper-parameters, so an unchanged re-run "
+                      "trains nothing); the best on train.metric is the candidate, registered "
+                      "in the model registry.")
+def bonmf_candidate(context: dg.AssetExecutionContext, validated_dataset: dict, splits: dict,
+                    text_embeddings: dict, image_embeddings: dict, params: ParamsResource,
+                    state: StateResource, store: StoreResource) -> dg.MaterializeResult:
+    from bonmf_core.experiment.runner import choose_candidate
+
     started = time.perf_counter()
-    p = params_with(config, params.load())
-    p["protocol"] = splits["protocol"]
-    variants = _checked(config.variants, "candidates")
-    fits = _fit_all(context, variants, validated_dataset, splits, p, text_embeddings,
+    cfg = params.load()
+    variants, metric = cfg.pipeline.candidates, cfg.train.metric
+    fits = _fit_all(context, variants, cfg, validated_dataset, splits, text_embeddings,
                     image_embeddings, state)
-    choice = stages.choose_candidate(fits, variants, config.metric)
+    choice = choose_candidate(fits, variants, metric)
     best, chosen, results, metrics = (choice[k] for k in ("variant", "fit", "results",
                                                           "metrics"))
     with store.open() as s:
         version, created = registry.register_model(
             s, artifact_path=chosen["artifact_path"], variant=best, seed=chosen["seed"],
             dataset_hash=splits["dataset_hash"],
-            config={"model": p["model"], "train": p["train"]},
+            config={"model": cfg.model.model_dump(mode="json"),
+                    "train": cfg.train.model_dump(mode="json")},
             metrics={"mean": metrics, "per_seed": {str(f["seed"]): f["metrics"]
                                                    for f in fits if f["variant"] == best}},
             protocol=splits["protocol"], run_id=context.run.run_id)
@@ -77,7 +80,8 @@ def bonmf_candidate(context: dg.AssetExecutionContext, config: CandidateConfig,
     return dg.MaterializeResult(
         value={"variant": best, "version_id": version["id"], "artifact_path":
                chosen["artifact_path"], "artifact_sha256": version["artifact_sha256"],
-               "metrics": metrics, "metric": config.metric, "results": results, "fits": fits,
+               "metrics": metrics, "metric": metric, "results": results,
+               "fits": [stages.strip_fit(f) | {"reused": f["reused"]} for f in fits],
                "dataset_hash": splits["dataset_hash"]},
         metadata={"candidate_variant": best, "model_version": version["id"],
                   "newly_registered": created, "stage": version["stage"],
@@ -89,27 +93,25 @@ def bonmf_candidate(context: dg.AssetExecutionContext, config: CandidateConfig,
 
 
 @dg.asset(group_name="training", kinds={"pytorch"},
-          description="The baselines the candidate must beat (popularity, BPR-MF, ...), fitted "
-                      "and evaluated on the same splits; cached like the candidate.")
-def baselines(context: dg.AssetExecutionContext, config: BaselineConfig,
-              validated_dataset: dict, splits: dict, text_embeddings: dict,
-              image_embeddings: dict, params: ParamsResource,
+          description="The baselines the candidate must beat (pipeline.baselines: popularity, "
+                      "BPR-MF, ...), fitted and evaluated on the same splits; cached like the "
+                      "candidate.")
+def baselines(context: dg.AssetExecutionContext, validated_dataset: dict, splits: dict,
+              text_embeddings: dict, image_embeddings: dict, params: ParamsResource,
               state: StateResource) -> dg.MaterializeResult:
-    from bonmf_core.pipeline import aggregate
+    from bonmf_core.experiment.runner import aggregate
 
     started = time.perf_counter()
-    p = params_with(config, params.load())
-    p["protocol"] = splits["protocol"]
-    variants = _checked(config.variants, "baselines")
+    cfg = params.load()
+    variants, metric = cfg.pipeline.baselines, cfg.train.metric
     if not variants:
         return dg.MaterializeResult(value={"results": {}, "fits": []},
                                     metadata={"baselines": "none configured"})
-    fits = _fit_all(context, variants, validated_dataset, splits, p, text_embeddings,
+    fits = _fit_all(context, variants, cfg, validated_dataset, splits, text_embeddings,
                     image_embeddings, state)
     results = aggregate(fits)
-    metric = config.metric
     return dg.MaterializeResult(
-        value={"results": results, "fits": fits},
+        value={"results": results, "fits": [stages.strip_fit(f) for f in fits]},
         metadata={**{f"{v} {metric}": round(results[v][metric]["mean"], 5) for v in variants},
                   "fits_reused": sum(f["reused"] for f in fits),
                   "seconds": round(time.perf_counter() - started, 3)})

@@ -4,15 +4,14 @@ The asset copies them into the DVC workspace (`promoted/`), pushes them to the r
 the pointer files and records the content hashes in the registry (`model_versions.dvc_json`)
 and in its metadata — so every promoted version points to the exact data and model that made
 it, restorable with `bonmf restore --version N` or `--rev REV`. The work is in
-`bonmf_core.versioning`, which serializes DVC operations with a lock on the workspace.
+`bonmf_core.ops.versioning`, which serializes DVC operations with a lock on the workspace.
 """
 
 import dagster as dg
 
-from bonmf_core import registry, versioning
+from bonmf_core.ops import registry, versioning
 
-from ..config import VersioningConfig
-from ..resources import StateResource, StoreResource
+from ..resources import ParamsResource, StateResource, StoreResource
 
 
 def _skipped(reason: str, **metadata) -> dg.MaterializeResult:
@@ -26,10 +25,10 @@ def _skipped(reason: str, **metadata) -> dg.MaterializeResult:
                       "their content hashes recorded in the registry. Skips versions already "
                       "versioned, and states why when versioning is off or no DVC repository "
                       "holds the state folder.")
-def versioned_artifacts(context: dg.AssetExecutionContext, config: VersioningConfig,
-                        promotion_decision: dict, state: StateResource,
+def versioned_artifacts(context: dg.AssetExecutionContext, promotion_decision: dict,
+                        params: ParamsResource, state: StateResource,
                         store: StoreResource) -> dg.MaterializeResult:
-    settings = versioning.DvcSettings.from_params(config.apply({"dvc": {}})["dvc"])
+    settings = params.load().dvc
     with store.open() as s:
         production = registry.production_model(s)
     if production is None:

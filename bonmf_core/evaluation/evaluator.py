@@ -11,9 +11,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import LeakageError
-from .metrics import full_ranking_metrics, sampled_metrics
-from .splits import Split, assert_no_overlap, positive_matrix
+from bonmf_core.errors import LeakageError
+from bonmf_core.evaluation.metrics import full_ranking_metrics, sampled_metrics
+from bonmf_core.data.splits import Split, assert_no_overlap, positive_matrix
 
 
 class Scorer(Protocol):

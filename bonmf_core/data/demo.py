@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_dir
-from .dataset import Dataset
-from .settings import state_dir
+from bonmf_core.atomic import atomic_dir
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.settings import state_dir
 
 THEMES = ("space", "crime", "romance", "horror", "comedy", "war", "fantasy", "sports")
 # One palette colour (RGB) and one shape per theme: the picture's two visual cues.

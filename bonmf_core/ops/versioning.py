@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -27,13 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
-from .atomic import atomic_dir, swap_dir
+from bonmf_core.config import DvcConfig
+from bonmf_core.atomic import atomic_dir, swap_dir
+from bonmf_core.hashing import md5_file
 
 PROMOTED = "promoted"                  # workspace folder of the versioned artifacts
 ARTIFACTS = ("dataset", "model")       # what each promoted version consists of
@@ -47,35 +47,16 @@ class VersioningError(RuntimeError):
     """A DVC or git operation that cannot proceed; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class DvcSettings:
-    """params.yaml `dvc` section."""
-
-    remote: str | None = None          # None = <state dir>/dvc-remote
-    remote_name: str = "storage"
-    push_after_promotion: bool = True
-    repo: str | None = None            # None = the git repository holding the state folder
-    git_commit: bool = True            # commit the pointer files after each promotion
-    lock_timeout_s: float = 600.0
-
-    @classmethod
-    def from_params(cls, section: dict | None) -> "DvcSettings":
-        section = dict(section or {})
-        unknown = set(section) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown dvc setting(s): {', '.join(sorted(unknown))}")
-        return cls(**section)
-
-    def remote_url(self, state: Path) -> str:
-        """The remote from configuration: the param, else `BONMF_DVC_REMOTE`, else a folder
-        in the state dir (works offline, out of the box)."""
-        return self.remote or os.environ.get("BONMF_DVC_REMOTE") or str(
-            Path(state).resolve() / DEFAULT_REMOTE_DIR)
+def remote_url(settings: DvcConfig, state: Path) -> str:
+    """The remote from configuration: `dvc.remote`, else `BONMF_DVC_REMOTE`, else a folder in
+    the state dir (works offline, out of the box)."""
+    return settings.remote or os.environ.get("BONMF_DVC_REMOTE") or str(
+        Path(state).resolve() / DEFAULT_REMOTE_DIR)
 
 
 # -- the workspace ----------------------------------------------------------------------------
 
-def find_repo(settings: DvcSettings, state: Path) -> Path | None:
+def find_repo(settings: DvcConfig, state: Path) -> Path | None:
     """The DVC workspace: `settings.repo`, else the git repository holding the state folder;
     None when there is none (or it has no `.dvc/`)."""
     if settings.repo:
@@ -148,10 +129,10 @@ def run_git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return done
 
 
-def configure_remote(repo: Path, state: Path, settings: DvcSettings) -> str:
+def configure_remote(repo: Path, state: Path, settings: DvcConfig) -> str:
     """Make the configured remote the workspace's default (in `.dvc/config.local`, which is
     not committed: each clone points at its own storage). → the remote's URL."""
-    url = settings.remote_url(state)
+    url = remote_url(settings, state)
     local = Path(repo) / ".dvc" / "config.local"
     wanted = [f"['remote \"{settings.remote_name}\"']", f"url = {url}",
               f"remote = {settings.remote_name}"]
@@ -181,19 +162,11 @@ def pointer_text(name: str, entry: dict) -> str:
                           sort_keys=False)
 
 
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- versioning a promotion -------------------------------------------------------------------
 
 def find_dataset(datasets_root: Path, dataset_hash: str) -> Path:
     """The saved dataset under `datasets_root` whose content hash is `dataset_hash`."""
-    from .dataset import find_saved_dataset
+    from bonmf_core.data.dataset import find_saved_dataset
 
     try:
         return find_saved_dataset(datasets_root, dataset_hash)
@@ -201,7 +174,7 @@ def find_dataset(datasets_root: Path, dataset_hash: str) -> Path:
         raise VersioningError(str(exc)) from None
 
 
-def version_promotion(repo: Path, state: Path, settings: DvcSettings, *, dataset_dir: Path,
+def version_promotion(repo: Path, state: Path, settings: DvcConfig, *, dataset_dir: Path,
                       model_dir: Path, message: str) -> dict:
     """Track the promoted model and its dataset with DVC, push them, commit the pointer files.
 
@@ -231,8 +204,8 @@ def version_promotion(repo: Path, state: Path, settings: DvcSettings, *, dataset
 def _copy_dataset(source: Path, out: Path, refer_as: str) -> None:
     """The dataset with its pictures copied inside and referenced relative to the repo root
     (`refer_as/images/<name>`), so the versioned folder is complete and location-free."""
-    from .dataset import Dataset
-    from .stages import copy_images
+    from bonmf_core.data.dataset import Dataset
+    from bonmf_core.ops.stages import copy_images
 
     dataset = Dataset.load(source)
     with atomic_dir(out) as tmp:
@@ -282,7 +255,7 @@ def hashes_at_rev(repo: Path, rev: str) -> dict:
 
 def hashes_of_version(store, version_id: int) -> dict:
     """The hashes the registry recorded for model version `version_id`."""
-    from . import registry
+    from bonmf_core.ops import registry
 
     row = registry.get_model(store, int(version_id))
     if row is None:
@@ -295,7 +268,7 @@ def hashes_of_version(store, version_id: int) -> dict:
     return {name: dvc[name] for name in ARTIFACTS}
 
 
-def missing_in_remote(repo: Path, state: Path, settings: DvcSettings, hashes: dict
+def missing_in_remote(repo: Path, state: Path, settings: DvcConfig, hashes: dict
                       ) -> list[str]:
     """Every object of `hashes` (directory listings and their files) the remote lacks.
 
@@ -320,7 +293,7 @@ def missing_in_remote(repo: Path, state: Path, settings: DvcSettings, hashes: di
     return missing
 
 
-def restore(repo: Path, state: Path, settings: DvcSettings, hashes: dict, label: str) -> dict:
+def restore(repo: Path, state: Path, settings: DvcConfig, hashes: dict, label: str) -> dict:
     """Put the artifacts with `hashes` into `promoted/` (data and pointer files), verified.
 
     Nothing in the workspace changes unless every step succeeds: the remote must hold every

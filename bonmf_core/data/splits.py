@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import Dataset
-from .errors import DataError, LeakageError
+from bonmf_core.config import ProtocolConfig
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.errors import DataError, LeakageError
 
 PROTOCOLS = ("ncf", "full", "cold_items")
 
@@ -277,13 +278,19 @@ def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = 0.2,
                        "cold_test_items": int(n_test), "cold_valid_items": int(n_valid)})
 
 
-def make_split(dataset: Dataset, protocol: str, seed: int = 0, **options) -> Split:
-    if protocol == "ncf":
-        if options.get("ncf_dir"):
-            return ncf_reference_split(dataset, options["ncf_dir"], seed=seed)
+def make_split(dataset: Dataset, protocol: ProtocolConfig, seed: int) -> Split:
+    """The split of `protocol` (the params `protocol` section) for one seed."""
+    if protocol.name == "ncf":
+        if protocol.ncf_dir:
+            return ncf_reference_split(dataset, protocol.ncf_dir, seed=seed)
         return leave_one_out_split(dataset, seed=seed)
-    if protocol == "full":
-        return ratio_split(dataset, seed=seed, order=options.get("order", "random"))
-    if protocol == "cold_items":
-        return cold_item_split(dataset, seed=seed, fraction=options.get("cold_fraction", 0.2))
-    raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if protocol.name == "full":
+        return ratio_split(dataset, seed=seed, order=protocol.order)
+    if protocol.name == "cold_items":
+        return cold_item_split(dataset, seed=seed, fraction=protocol.cold_fraction)
+    raise ValueError(f"unknown protocol {protocol.name!r}; choose from {', '.join(PROTOCOLS)}")
+
+
+def make_splits(dataset: Dataset, protocol: ProtocolConfig) -> list[Split]:
+    """One split per seed of `protocol`."""
+    return [make_split(dataset, protocol, seed) for seed in protocol.seeds]

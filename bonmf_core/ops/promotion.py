@@ -11,25 +11,9 @@ decision says so ("forced"), keeping the reasons the gate would have given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class GateConfig:
-    """params.yaml `promotion` section."""
-
-    primary_metric: str = "ndcg@10"
-    min_improvement: float = 0.0
-    floors: dict = field(default_factory=dict)
-    beat_baselines: bool = True
-
-    @classmethod
-    def from_params(cls, section: dict | None) -> "GateConfig":
-        section = dict(section or {})
-        unknown = set(section) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown promotion setting(s): {', '.join(sorted(unknown))}")
-        return cls(**section)
+from bonmf_core.config import PromotionConfig
 
 
 @dataclass(frozen=True)
@@ -43,7 +27,7 @@ class Decision:
         return self.decision in ("promote", "forced")
 
 
-def decide(candidate: dict, production: dict | None, config: GateConfig,
+def decide(candidate: dict, production: dict | None, config: PromotionConfig,
            baselines: dict[str, dict] | None = None, force: bool = False,
            forced_by: str | None = None) -> Decision:
     """Decide on `candidate` (metric → value) against `production` (metric → value or None)

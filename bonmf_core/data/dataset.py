@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_dir
-from .errors import DataError
+from bonmf_core.atomic import atomic_dir
+from bonmf_core.errors import DataError
 
 FORMAT_VERSION = 1
 

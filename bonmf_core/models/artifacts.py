@@ -9,15 +9,15 @@ Layout of an artifact directory (written atomically):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
-from .errors import ConfigMismatchError
-from .model import BoNMF, BoNMFConfig
+from bonmf_core.atomic import atomic_dir
+from bonmf_core.errors import ConfigMismatchError
+from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
+from bonmf_core.hashing import sha256_file
 
 ARTIFACT_VERSION = 1
 
@@ -98,14 +98,6 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
     file = Path(path) / "tensors.safetensors"
     return load_file(str(file)) if file.exists() else {}
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_default(value):

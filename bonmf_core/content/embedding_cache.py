@@ -7,21 +7,21 @@ chunk it committed (each row is complete or absent), so the next run resumes fro
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
-from .schema import Embedding, Encoder
-from .store import Store
+from bonmf_core.hashing import sha256_json
+from bonmf_core.store.schema import Embedding, Encoder
+from bonmf_core.store.database import Store
 
 _READ_CHUNK = 900  # stays under SQLite's bound-parameter limit with room to spare
 
 
 def encoder_key(identity: dict) -> str:
     """A stable hash of the canonical identity JSON."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return sha256_json(identity)[:32]
 
 
 def _insert(store: Store):
@@ -100,11 +100,3 @@ class EmbeddingCache:
             if key is not None:
                 q = q.where(Embedding.encoder_key == key)
             return int(s.scalar(q))
-
-    def drop_encoder(self, identity: dict) -> int:
-        """Forget one encoder's vectors (e.g. after its weights were replaced in place)."""
-        key = encoder_key(identity)
-        with self.store.session() as s:
-            n = s.execute(delete(Embedding).where(Embedding.encoder_key == key)).rowcount
-            s.execute(delete(Encoder).where(Encoder.key == key))
-        return int(n or 0)

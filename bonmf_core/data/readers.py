@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import Dataset, index_ids
-from .errors import DataError
+from bonmf_core.data.dataset import Dataset, index_ids
+from bonmf_core.errors import DataError
 
 # '::' is two bytes, which pandas only splits with its slow python engine; swapping it for one
 # byte that never occurs in text (the ASCII unit separator) keeps the fast C parser.
@@ -463,3 +463,19 @@ def _generic_items(cat: _Table, cat_ids: pd.Series, item_ids: np.ndarray, title_
     for c in text_cols:
         items[c] = text(c)
     return items
+
+
+def load_dataset(source: str | Path, demo_seed: int = 0) -> Dataset:
+    """`demo`, a MovieLens-1M directory (ratings.dat), or a saved dataset (dataset.json)."""
+    from bonmf_core.data.demo import demo_dataset
+
+    if str(source) == "demo":
+        return demo_dataset(seed=demo_seed)
+    path = Path(source)
+    if (path / "dataset.json").exists():
+        return Dataset.load(path)
+    if (path / "ratings.dat").exists():
+        return read_movielens(path)
+    raise DataError("not a dataset: expected 'demo', a MovieLens-1M directory (ratings.dat) "
+                    "or a saved dataset (dataset.json)", path=path)
+

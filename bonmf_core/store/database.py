@@ -18,8 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .schema import SCHEMA_VERSION, Base, SchemaVersion
-from .settings import state_dir
+from bonmf_core.store.schema import SCHEMA_VERSION, Base, SchemaVersion
+from bonmf_core.settings import state_dir
 
 
 class StoreVersionError(RuntimeError):

@@ -8,7 +8,6 @@ same gate decision returns what is already there instead of adding a duplicate r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -16,9 +15,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from .atomic import atomic_dir
-from .schema import DatasetSnapshot, ModelVersion, PromotionEvent, RunFailure, utcnow
-from .store import Store
+from bonmf_core.atomic import atomic_dir
+from bonmf_core.store.schema import DatasetSnapshot, ModelVersion, PromotionEvent, RunFailure, utcnow
+from bonmf_core.store.database import Store
+from bonmf_core.hashing import sha256_tree
 
 CANDIDATE, PRODUCTION, ARCHIVED = "candidate", "production", "archived"
 
@@ -67,17 +67,6 @@ def code_version(repo: str | Path | None = None) -> str:
             return "bonmf-" + version("bonmf")
         except PackageNotFoundError:
             return "unknown"
-
-
-def directory_sha256(path: str | Path) -> str:
-    """One hash over a directory's files (relative names and bytes), independent of where it is."""
-    from .artifacts import file_sha256
-
-    root = Path(path)
-    h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(root)).encode() + b"\0" + file_sha256(file).encode())
-    return h.hexdigest()
 
 
 # -- dataset snapshots ------------------------------------------------------------------------
@@ -158,7 +147,7 @@ def register_model(store: Store, *, artifact_path: str | Path, variant: str, see
                    run_id: str | None = None) -> tuple[dict, bool]:
     """Register a candidate → (version, created). The same artifact content returns the
     existing version (created False), whatever stage it has reached since."""
-    sha = artifact_sha256 or directory_sha256(artifact_path)
+    sha = artifact_sha256 or sha256_tree(artifact_path)
     with store.session() as s:
         row = s.scalars(select(ModelVersion).where(ModelVersion.artifact_sha256 == sha)).first()
         if row is not None:

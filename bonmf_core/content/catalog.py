@@ -8,7 +8,6 @@ matrix aligned with the dataset's item index, a presence mask and a manifest.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,42 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .dataset import Dataset
-from .embedding_cache import EmbeddingCache, encoder_key as _key
-from .encoders import (image_identity, image_weights_hash, pick_device, resolve_precision,
+from bonmf_core.config import EncodersConfig
+from bonmf_core.content.text import compose_item_texts
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.hashing import sha256_bytes, sha256_file_or_none
+from bonmf_core.content.embedding_cache import EmbeddingCache, encoder_key as _key
+from bonmf_core.content.encoders import (image_identity, image_weights_hash, pick_device, resolve_precision,
                        text_identity, text_weights_hash)
-from .store import Store
+from bonmf_core.store.database import Store
 
-log = logging.getLogger("bonmf.catalog_encoding")
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    """Which encoders, how they compose text, where they run (params.yaml `encoders`)."""
-
-    text_model: str = "default"          # "default" = offline MiniLM; a hub name or folder
-    text_max_length: int = 128
-    text_fields: tuple[str, ...] = ("title", "genres", "overview", "keywords")
-    text_separator: str = " | "
-    image_model: str = "efficientnet_lite0"
-    image_weights: str = "default"       # "default" (packaged, lite0 only), "hub", or a file
-    device: str = "auto"                 # auto = CUDA when present, else CPU
-    precision: str = "auto"              # auto = fp16 on CUDA, bf16 on a bf16 CPU, else fp32
-    batch_size: int | None = None        # None = per-device default
-    image_workers: int | None = None     # DataLoader decoding workers; None = per-device
-    write_chunk: int = 256               # vectors per cache transaction
-
-    @classmethod
-    def from_params(cls, section: dict | None) -> "EncoderSettings":
-        """From params.yaml's `encoders` section (its `source` and `store_url` choose whether
-        and where to encode; they are not encoder settings)."""
-        section = {k: v for k, v in (section or {}).items() if k not in ("source", "store_url")}
-        unknown = set(section) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown encoders setting(s): {', '.join(sorted(unknown))}")
-        if "text_fields" in section:
-            section["text_fields"] = tuple(section["text_fields"])
-        return cls(**section)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,54 +35,24 @@ class ModalityEmbeddings:
     manifest: dict = field(default_factory=dict)
 
 
-def compose_item_texts(items: pd.DataFrame, fields=EncoderSettings.text_fields,
-                       separator: str = " | ") -> list[str]:
-    """Each item's text from `fields` in order; absent or empty fields are left out.
-
-    Genres ('Action|Comedy') read as a list ('Action, Comedy'): the encoder sees words, not a
-    storage format.
-    """
-    parts = []
-    for name in fields:
-        if name not in items.columns:
-            continue
-        column = items[name].astype("string").fillna("").str.strip()
-        if name == "genres":
-            column = column.str.replace("|", ", ", regex=False)
-        parts.append(column.tolist())
-    return [separator.join(p for p in row if p) for row in zip(*parts)] if parts else [""] * len(items)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_hash(path) -> str | None:
-    if not isinstance(path, str) or not path:
-        return None
-    try:
-        with open(path, "rb") as fh:
-            return _sha(fh.read())
-    except OSError:
-        return None
-
-
 def image_content_hashes(paths) -> list[str | None]:
     """sha256 of each image file's bytes; None where the file is missing or unreadable."""
     with ThreadPoolExecutor(max_workers=4) as pool:  # I/O bound; hashlib releases the GIL
-        return list(pool.map(_file_hash, paths))
+        return list(pool.map(sha256_file_or_none, paths))
 
 
 def encode_catalog(dataset: Dataset, store: Store | None = None,
-                   settings: EncoderSettings = EncoderSettings(),
+                   settings: EncodersConfig | None = None,
                    modalities=("text", "image")) -> dict[str, ModalityEmbeddings]:
-    """Text and/or image embeddings of every catalog item, through the cache."""
+    """Text and/or image embeddings of every catalog item, through the cache (`settings`:
+    the `encoders` section; None = its defaults)."""
+    settings = settings or EncodersConfig()
     cache = EmbeddingCache(store or Store())
     out = {}
     for modality in modalities:
         if modality == "text":
             texts = compose_item_texts(dataset.items, settings.text_fields, settings.text_separator)
-            hashes = [_sha(t.encode()) if t else None for t in texts]
+            hashes = [sha256_bytes(t.encode()) if t else None for t in texts]
             out["text"] = _encode_modality("text", texts, hashes, cache, settings)
         elif modality == "image":
             paths = dataset.items["image_path"].tolist() if "image_path" in dataset.items else []
@@ -128,7 +71,7 @@ def with_content_features(dataset: Dataset, embeddings: dict[str, ModalityEmbedd
                    users=dataset.users, rating_scale=dataset.rating_scale, features=features)
 
 
-def identity_for(kind: str, settings: EncoderSettings) -> dict:
+def identity_for(kind: str, settings: EncodersConfig) -> dict:
     """The cache identity of the configured encoder, computed without loading it."""
     precision = resolve_precision(pick_device(settings.device), settings.precision)
     if kind == "text":
@@ -139,8 +82,8 @@ def identity_for(kind: str, settings: EncoderSettings) -> dict:
                           precision)
 
 
-def _load_encoder(kind: str, settings: EncoderSettings):
-    from .encoders import ImageEncoder, TextEncoder
+def _load_encoder(kind: str, settings: EncodersConfig):
+    from bonmf_core.content.encoders import ImageEncoder, TextEncoder
 
     if kind == "text":
         return TextEncoder(settings.text_model, device=settings.device,
@@ -152,7 +95,7 @@ def _load_encoder(kind: str, settings: EncoderSettings):
 
 
 def _encode_modality(kind: str, contents: list, hashes: list[str | None], cache: EmbeddingCache,
-                     settings: EncoderSettings) -> ModalityEmbeddings:
+                     settings: EncodersConfig) -> ModalityEmbeddings:
     started = time.perf_counter()
     identity = identity_for(kind, settings)
     key = _key(identity)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_dir
-from .dataset import Dataset
-from .errors import DataError
-from .readers import poster_paths
+from bonmf_core.atomic import atomic_dir
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.errors import DataError
+from bonmf_core.data.readers import poster_paths
 
 SNAPSHOT_FORMAT = 1
 ML_RATING_SCALE = (1.0, 5.0)
@@ -107,8 +107,8 @@ def read_raw(source: str | Path, demo_seed: int = 0, demo_users: int = 3000,
     """Ingest `source` into raw frames (lenient: bad values are for the checks to find)."""
     kind = source_kind(source)
     if kind == "demo":
-        from .demo import demo_dataset
-        from .settings import state_dir
+        from bonmf_core.data.demo import demo_dataset
+        from bonmf_core.settings import state_dir
 
         # The pictures depend on every demo argument, so the folder is keyed by all of them.
         image_dir = image_dir or (state_dir() / "demo" /

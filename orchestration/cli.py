@@ -1,8 +1,12 @@
 """`bonmf` command line. `bonmf run`: the whole Dagster graph in-process on the demo default.
 
 snapshot → data-quality checks → encoding → training (BoNMF + baselines) → evaluation →
-promotion decision, with the state (SQLite store, snapshots, models, reports, DAGSTER_HOME) in
-the state folder (`BONMF_STATE_DIR`, default ./.bonmf). Dagster is imported only by `run`.
+promotion decision → packaging → versioning, with the state (SQLite store, snapshots, models,
+reports, DAGSTER_HOME) in the state folder (`BONMF_STATE_DIR`, default ./.bonmf).
+
+Configuration, for every command: schema defaults < params file (--params, else
+$BONMF_PARAMS, else ./params.yaml) < --set section.key=value < explicit flags.
+`bonmf params` prints the resolved configuration.
 """
 
 from __future__ import annotations
@@ -14,11 +18,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import ConfigMismatchError, DataError, LeakageError
+from bonmf_core.errors import ConfigMismatchError, DataError, LeakageError
 
-# On the demo source, without --epochs or --params, training stops after this many epochs so
-# the whole graph runs in a couple of minutes on a laptop; --epochs N overrides.
-DEMO_EPOCHS = 5
+# Loggers of the libraries underneath: WARNING unless -v (their INFO chatter buries the summary).
+QUIET_LOGGERS = ("alembic", "great_expectations", "bentoml", "dvc", "transformers", "timm",
+                 "urllib3", "filelock", "httpx", "matplotlib", "PIL")
+
+
+def _config_options(parser: argparse.ArgumentParser, params_default=None) -> None:
+    parser.add_argument("--params", default=params_default,
+                        help="params file (default: $BONMF_PARAMS, else ./params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter (YAML value; repeatable), e.g. "
+                             "--set train.lr=0.01 --set pipeline.candidates=[id]")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="libraries' logs and full tracebacks")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "evaluation, promotion) in-process")
     run.add_argument("--data", default=None,
                      help="'demo' (default), a MovieLens-1M directory or a saved dataset")
-    run.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
+    _config_options(run)
     run.add_argument("--protocol", choices=("ncf", "full", "cold_items"), default=None)
     run.add_argument("--ncf-dir", default=None,
                      help="canonical NCF test files (ml-1m.test.rating/.negative)")
@@ -39,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                           "baselines (default: params pipeline.candidates + baselines)")
     run.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
     run.add_argument("--epochs", type=int, default=None,
-                     help=f"override train.epochs and bpr.epochs (demo default: {DEMO_EPOCHS})")
+                     help="override train.epochs and bpr.epochs")
     run.add_argument("--encoders", choices=("pretrained", "basic"), default=None,
                      help="override encoders.source")
     run.add_argument("--force-promotion", metavar="WHO", default=None,
@@ -48,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="also copy the report (metrics.json/.md/.png) and the candidate "
                           "model here")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    shown = sub.add_parser("params", help="print the resolved configuration (YAML) and where "
+                                          "it was read from")
+    _config_options(shown)
+    shown.add_argument("--defaults", action="store_true",
+                       help="the schema defaults only (no params file, no --set)")
     package = sub.add_parser(
         "package", help="save a model into the BentoML store, build the Bento in bentos/ "
                         "and export it as a .bento archive (skipped when unchanged)")
@@ -59,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--out", default=None,
                          help="folder for the .bento archive and bento.json "
                               "(default: <state>/artifacts/bento)")
-    package.add_argument("--params", default=None, help="params.yaml (encoders, serving)")
+    _config_options(package)
     package.add_argument("--no-build", action="store_true",
                          help="only save the BentoML model; no Bento, no archive")
     _stage_parser(sub)
@@ -69,8 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     which = restore.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", type=int, help="model version id in the registry")
     which.add_argument("--rev", help="git revision whose promoted/*.dvc to restore")
-    restore.add_argument("--params", default=None,
-                         help="params.yaml (its dvc section: remote, repo); default: built-in")
+    _config_options(restore)
     return p
 
 
@@ -94,55 +112,96 @@ def _stage_parser(sub) -> None:
     }
     for name, options in paths.items():
         parser = stages.add_parser(name)
-        parser.add_argument("--params", default="params.yaml", help="params file")
+        _config_options(parser)
         for option, help_text in options.items():
             parser.add_argument(option, required=True, help=help_text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    if not verbose:
+        quiet_libraries()
     try:
         return _run(args)
     except (DataError, ConfigMismatchError, LeakageError, KeyError, ValueError,
             FileNotFoundError) as exc:
+        if verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def build_params(args) -> dict:
-    from .experiment import BASELINES, parse_variants
-    from .params import load_params
-    from .snapshot import source_kind
+def quiet_libraries() -> None:
+    """Other libraries' loggers at WARNING (some set their own level at import, so by name
+    too), their progress bars and warnings off. Detail stays in Dagster's event log."""
+    import os
+    import warnings
 
-    overrides: dict = {"data": {}, "protocol": {}, "train": {}, "bpr": {}, "encoders": {},
-                       "pipeline": {}}
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A library that sets its own logger's level when it is (lazily) imported still reaches
+    # the console handler: the handler itself drops other libraries' records below WARNING.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING
+                          or r.name.startswith("bonmf_core"))
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run_flags(args) -> dict:
+    """The explicit `bonmf run` flags as a nested override (the last layer of precedence)."""
+    from bonmf_core.config import BASELINE_VARIANTS
+    from bonmf_core.experiment.variants import parse_variants
+
+    flags: dict = {}
+
+    def put(section: str, key: str, value) -> None:
+        flags.setdefault(section, {})[key] = value
+
     if args.data:
-        overrides["data"]["source"] = args.data
+        put("data", "source", args.data)
     if args.protocol:
-        overrides["protocol"]["name"] = args.protocol
+        put("protocol", "name", args.protocol)
     if args.ncf_dir:
-        overrides["protocol"]["ncf_dir"] = args.ncf_dir
+        put("protocol", "ncf_dir", args.ncf_dir)
     if args.seeds:
-        overrides["protocol"]["seeds"] = [int(s) for s in args.seeds.split(",")]
+        try:
+            put("protocol", "seeds", [int(s) for s in args.seeds.split(",")])
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
     if args.encoders:
-        overrides["encoders"]["source"] = args.encoders
+        put("encoders", "source", args.encoders)
     if args.variants:
         variants = parse_variants(args.variants)
-        overrides["pipeline"]["candidates"] = [v for v in variants if v not in BASELINES]
-        overrides["pipeline"]["baselines"] = [v for v in variants if v in BASELINES]
-        if not overrides["pipeline"]["candidates"]:
+        candidates = [v for v in variants if v not in BASELINE_VARIANTS]
+        if not candidates:
             raise ValueError("--variants needs at least one BoNMF variant "
                              "(id, text, image, text+image) to be the candidate")
-    params = load_params(args.params, overrides)
-    source_kind(params["data"]["source"])  # a wrong --data fails here, before anything runs
+        put("pipeline", "candidates", candidates)
+        put("pipeline", "baselines", [v for v in variants if v in BASELINE_VARIANTS])
     if args.epochs:
-        params["train"]["epochs"] = params["bpr"]["epochs"] = args.epochs
-    elif params["data"]["source"] == "demo" and args.params is None:
-        for section in ("train", "bpr"):
-            params[section]["epochs"] = min(params[section]["epochs"], DEMO_EPOCHS)
-    return params
+        put("train", "epochs", args.epochs)
+        put("bpr", "epochs", args.epochs)
+    return flags
+
+
+def build_config(args):
+    """The configuration a command runs with: defaults < params file < --set < flags."""
+    from bonmf_core.config import load_config
+    from bonmf_core.data.snapshot import source_kind
+
+    flags = run_flags(args) if args.command == "run" else {}
+    cfg = load_config(args.params, args.set, flags)
+    if args.command == "run":
+        source_kind(cfg.data.source)  # a wrong --data fails here, before anything runs
+    return cfg
 
 
 def _package(args) -> int:
@@ -152,35 +211,47 @@ def _package(args) -> int:
 
 
 def _stage(args) -> int:
-    from . import stages
-    from .params import load_params
+    from bonmf_core.ops import stages
 
-    # DVC shows each stage's output: this module's progress, not every library's INFO chatter.
+    # DVC shows each stage's output: this library's progress, not every library's INFO chatter.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("bonmf_core").setLevel(logging.INFO)
-    params = load_params(args.params)
+    cfg = build_config(args)
     if args.stage == "snapshot":
-        stages.run_snapshot(params, args.out)
+        stages.run_snapshot(cfg, args.out)
     elif args.stage == "validate":
-        stages.run_validate(params, args.snapshot, args.out, args.report)
+        stages.run_validate(cfg, args.snapshot, args.out, args.report)
     elif args.stage == "encode":
-        stages.run_encode(params, args.dataset, args.out)
+        stages.run_encode(cfg, args.dataset, args.out)
     elif args.stage == "train":
-        stages.run_train(params, args.dataset, args.features, args.model, args.fits)
+        stages.run_train(cfg, args.dataset, args.features, args.model, args.fits)
     else:
-        out = stages.run_evaluate(params, args.fits, args.out)
+        out = stages.run_evaluate(cfg, args.fits, args.out)
         print(out["table"])
     return 0
 
 
-def _restore(args) -> int:
-    from . import versioning
-    from .params import load_params
-    from .settings import state_dir
-    from .store import Store
+def _params(args) -> int:
+    import yaml
 
-    params = load_params(args.params)
-    settings = versioning.DvcSettings.from_params(params["dvc"])
+    from bonmf_core.config import BonmfConfig, config_file_of
+
+    cfg = BonmfConfig() if args.defaults else build_config(args)
+    source = "schema defaults" if args.defaults else (config_file_of(args.params) or
+                                                     "schema defaults (no params file)")
+    print(f"# resolved from: {source}" + (f" + --set {' '.join(args.set)}" if args.set and
+                                          not args.defaults else ""))
+    print(yaml.safe_dump(cfg.dump(), sort_keys=False), end="")
+    return 0
+
+
+def _restore(args) -> int:
+    from bonmf_core.ops import versioning
+    from bonmf_core.settings import state_dir
+    from bonmf_core.store.database import Store
+
+    cfg = build_config(args)
+    settings = cfg.dvc
     state = state_dir()
     try:
         repo = versioning.find_repo(settings, state)
@@ -188,7 +259,7 @@ def _restore(args) -> int:
             raise versioning.VersioningError(
                 f"no DVC repository holds the state folder {state}; set dvc.repo")
         if args.version is not None:
-            store = Store(params["encoders"]["store_url"])
+            store = Store(cfg.encoders.store_url)
             try:
                 hashes = versioning.hashes_of_version(store, args.version)
             finally:
@@ -213,13 +284,15 @@ def _run(args) -> int:
         return _stage(args)
     if args.command == "restore":
         return _restore(args)
-    params = build_params(args)
+    if args.command == "params":
+        return _params(args)
+    cfg = build_config(args)
     from orchestration.main import run_pipeline  # imports Dagster: only for `run`
 
-    summary = run_pipeline(params, params_path=args.params,
-                           force=args.force_promotion is not None,
+    summary = run_pipeline(cfg, force=args.force_promotion is not None,
                            forced_by=args.force_promotion,
-                           log_level="WARNING" if args.quiet else "INFO")
+                           log_level="INFO" if args.verbose else "WARNING",
+                           progress=not args.quiet)
     print()
     print(f"run {summary['run_id']} ({summary['seconds']:.1f} s): "
           f"{'succeeded' if summary['success'] else 'FAILED'}")

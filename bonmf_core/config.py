@@ -1,0 +1,398 @@
+"""The one configuration: every hyper-parameter's default, type, range and allowed values.
+
+Precedence, the same for every entry point (`bonmf run`, `bonmf stage …` under `dvc repro`,
+`bonmf package`, `benchmarks/*.py`, launches from the Dagster UI):
+
+    schema defaults (this module)  <  params file  <  --set section.key=value  <  explicit flags
+
+The params file is `--params FILE`, else `$BONMF_PARAMS`, else `./params.yaml` when it exists,
+else none (the defaults alone). Unknown keys are refused by file and key path, and so are
+values of the wrong type or out of range. Library code takes these models (or one section of
+them); no other module writes a default for a params key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bonmf_core.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+METRIC_PATTERN = r"^(hr|ndcg|recall)@[1-9][0-9]*$"
+BONMF_VARIANTS = ("id", "text", "image", "text+image")
+BASELINE_VARIANTS = ("pop", "bpr", "genre_pop", "content_knn")
+Metric = str  # "hr@10", "ndcg@20", "recall@50": validated by METRIC_PATTERN
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field("demo", description="demo | a MovieLens-1M directory | a saved "
+                                            "dataset directory")
+    demo_seed: int = 0
+    demo_users: int = Field(3000, ge=10)
+    demo_items: int = Field(1000, ge=10)
+
+
+class ProtocolConfig(Section):
+    name: Literal["ncf", "full", "cold_items"] = "ncf"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    ks: list[int] = Field(default_factory=lambda: [10], min_length=1)
+    ncf_dir: str | None = Field(None, description="canonical NCF test files, e.g. "
+                                                  "../shared/datasets/ml-1m-ncf")
+    order: Literal["random", "temporal"] = Field("random", description="full protocol")
+    cold_fraction: float = Field(0.2, gt=0, lt=1, description="cold_items protocol")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, ks: list[int]) -> list[int]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"every k must be >= 1, got {ks}")
+        return ks
+
+
+class ModelConfig(Section):
+    gmf_dim: int = Field(64, ge=1)
+    mlp_layers: list[int] = Field(default_factory=lambda: [128, 64, 32], min_length=1,
+                                  description="first entry = user ⊕ item embedding width")
+    content_hidden: int = Field(256, ge=1)
+    content_dim: int = Field(128, ge=0, description="PCA width of each content modality "
+                                                    "before its projection (0 = keep)")
+    id_dropout: float = Field(0.3, ge=0, lt=1, description="only where content exists")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    user_attributes: bool = Field(False, description="user attribute embeddings where the "
+                                                     "dataset has them")
+
+    @field_validator("mlp_layers")
+    @classmethod
+    def _even_first_layer(cls, layers: list[int]) -> list[int]:
+        if layers[0] % 2 or any(w < 1 for w in layers):
+            raise ValueError("mlp_layers must be positive and the first one even "
+                             "(it is user ⊕ item embedding width)")
+        return layers
+
+
+class TrainConfig(Section):
+    """How a BoNMF model is trained (the BPR-MF baseline's schedule is `BprConfig`)."""
+
+    loss: Literal["bce", "bpr"] = "bce"
+    negatives: int = Field(4, ge=1, description="sampled negatives per positive")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8192, ge=1)
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    embedding_reg: float = Field(0.001, ge=0, description="L2 on each batch's user/item "
+                                                          "vectors")
+    lr_decay: float = Field(0.8, gt=0, le=1, description="learning rate × this every epoch")
+    patience: int = Field(3, ge=1, description="epochs without validation gain before "
+                                               "stopping")
+    metric: Metric = Field("ndcg@10", pattern=METRIC_PATTERN,
+                           description="validation metric for early stopping and the "
+                                       "candidate choice")
+    refit: bool = Field(True, description="after early stopping, retrain on train + valid "
+                                          "for the best epochs")
+
+    @property
+    def metric_k(self) -> int:
+        return int(self.metric.split("@")[1])
+
+
+class BprConfig(Section):
+    """The BPR-MF baseline: its dimension and its own schedule."""
+
+    dim: int = Field(64, ge=1)
+    negatives: int = Field(4, ge=1)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(8192, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    embedding_reg: float = Field(0.001, ge=0)
+    lr_decay: float = Field(0.85, gt=0, le=1)
+    patience: int = Field(3, ge=1)
+    refit: bool = True
+
+    def as_train(self, metric: str) -> TrainConfig:
+        """This schedule as a TrainConfig (pairwise loss, early-stopping on `metric`): every
+        field is set here, none taken from TrainConfig's defaults."""
+        return TrainConfig(loss="bpr", metric=metric, **self.model_dump(exclude={"dim"}))
+
+
+class EncodersConfig(Section):
+    source: Literal["pretrained", "basic"] = Field(
+        "pretrained", description="pretrained (transformer + vision model) | basic "
+                                  "(weight-free featurizers)")
+    store_url: str | None = Field(None, description="metadata store URL (embedding cache); "
+                                                    "null = SQLite in the state dir")
+    text_model: str = Field("default", description="default = offline MiniLM; or a hub name "
+                                                   "(roberta-base) / a local folder")
+    text_max_length: int = Field(128, ge=8)
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["title", "genres", "overview", "keywords"], min_length=1)
+    text_separator: str = " | "
+    image_model: str = Field("efficientnet_lite0", description="a timm name, e.g. "
+                                                               "vit_base_patch16_224")
+    image_weights: str = Field("default", description="default (packaged, lite0 only) | hub | "
+                                                      "a checkpoint file")
+    device: str = Field("auto", description="auto = CUDA when present, else CPU")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32")
+    batch_size: int | None = Field(None, ge=1, description="null = per-device default")
+    image_workers: int | None = Field(None, ge=0, description="null = per-device default")
+    write_chunk: int = Field(256, ge=1, description="vectors per cache transaction")
+
+
+class PipelineConfig(Section):
+    candidates: list[str] = Field(default_factory=lambda: ["id", "text+image"], min_length=1,
+                                  description="BoNMF variants; the best one is the candidate")
+    baselines: list[str] = Field(default_factory=lambda: ["pop", "bpr"],
+                                 description="the candidate must beat these")
+
+    @field_validator("candidates")
+    @classmethod
+    def _bonmf_only(cls, names: list[str]) -> list[str]:
+        wrong = [v for v in names if v not in BONMF_VARIANTS]
+        if wrong:
+            raise ValueError(f"{wrong} are not BoNMF variants ({', '.join(BONMF_VARIANTS)})")
+        return names
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_only(cls, names: list[str]) -> list[str]:
+        wrong = [v for v in names if v not in BASELINE_VARIANTS]
+        if wrong:
+            raise ValueError(f"{wrong} are not baselines ({', '.join(BASELINE_VARIANTS)})")
+        return names
+
+
+class ChecksConfig(Section):
+    """The data checks' thresholds (data_checks.CheckThresholds) and the Data Docs switch."""
+
+    rating_scale: list[float] | None = Field(None, description="null = the scale the source "
+                                                               "declares")
+    min_interactions_per_user: int = Field(1, ge=0)
+    timestamp_min: int = Field(788918400, description="1995-01-01 UTC: older is a unit "
+                                                      "or parsing mistake")
+    timestamp_max_slack_days: float = Field(1.0, ge=0)
+    text_coverage_min: float = Field(0.5, ge=0, le=1)
+    readable_image_min: float = Field(0.9, ge=0, le=1)
+    max_rating_mean_shift: float = Field(0.25, ge=0)
+    max_new_item_share: float = Field(0.2, ge=0, le=1)
+    max_new_user_share: float = Field(0.2, ge=0, le=1)
+    max_volume_change: float = Field(0.5, ge=0)
+    data_docs: bool = Field(False, description="build a GX Data Docs site under the state dir")
+
+    @field_validator("rating_scale")
+    @classmethod
+    def _scale(cls, scale: list[float] | None) -> list[float] | None:
+        if scale is not None and (len(scale) != 2 or not scale[0] < scale[1]):
+            raise ValueError(f"rating_scale must be [low, high] with low < high, got {scale}")
+        return scale
+
+
+class PromotionConfig(Section):
+    primary_metric: Metric = Field("ndcg@10", pattern=METRIC_PATTERN)
+    min_improvement: float = Field(0.001, ge=0, description="absolute margin over the "
+                                                            "production model")
+    floors: dict[str, float] = Field(default_factory=lambda: {"hr@10": 0.2, "ndcg@10": 0.1})
+    beat_baselines: bool = True
+
+    @field_validator("floors")
+    @classmethod
+    def _metric_names(cls, floors: dict[str, float]) -> dict[str, float]:
+        wrong = [k for k in floors if not re.match(METRIC_PATTERN, k)]
+        if wrong:
+            raise ValueError(f"floors {wrong} are not metrics like ndcg@10")
+        return floors
+
+
+class RetrainConfig(Section):
+    cron: str = Field("0 3 * * 1", description="weekly, Monday 03:00")
+    timezone: str = "UTC"
+    sensor_interval_s: int = Field(300, ge=10, description="how often the new-data sensor "
+                                                           "looks at the source")
+
+
+class ServingConfig(Section):
+    bento_name: str = Field("bonmf", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    max_liked_items: int = Field(1000, ge=1, description="recommend_for_items: ids per "
+                                                         "request")
+    max_text_chars: int = Field(20000, ge=1, description="score_new_item: title + text")
+    max_image_bytes: int = Field(10485760, ge=1, description="score_new_item: image upload")
+
+
+class DvcConfig(Section):
+    remote: str | None = Field(None, description="null = $BONMF_DVC_REMOTE or "
+                                                 "<state dir>/dvc-remote; or s3://…, ssh://…")
+    remote_name: str = "storage"
+    push_after_promotion: bool = Field(True, description="track, push and commit each "
+                                                         "promoted version")
+    repo: str | None = Field(None, description="null = the git repo holding the state folder")
+    git_commit: bool = Field(True, description="commit the pointer files (promoted/*.dvc)")
+    lock_timeout_s: float = Field(600.0, gt=0, description="wait this long for another DVC "
+                                                           "operation")
+
+
+class BonmfConfig(Section):
+    """Every section; `params.yaml` mirrors this layout."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    bpr: BprConfig = Field(default_factory=BprConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    dvc: DvcConfig = Field(default_factory=DvcConfig)
+
+    def dump(self) -> dict:
+        """Plain JSON-able values (what the registry, fit keys and reports record)."""
+        return self.model_dump(mode="json")
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def default_params_file() -> Path | None:
+    """`$BONMF_PARAMS`, else ./params.yaml when it exists, else None (the defaults alone)."""
+    env = os.environ.get("BONMF_PARAMS")
+    if env:
+        return Path(env)
+    local = Path(PARAMS_FILE)
+    return local if local.is_file() else None
+
+
+def parse_set(assignments) -> dict:
+    """`["train.lr=0.01", "pipeline.candidates=[id]"]` → a nested override mapping. Values are
+    YAML (`3`, `0.5`, `null`, `true`, `[id, text]`); keys are checked by the schema."""
+    import yaml
+
+    out: dict = {}
+    for text in assignments or ():
+        key, sep, raw = str(text).partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {text!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part} is set to a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` deep-merged over `base` (new dicts; mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_params_file(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got "
+                          f"{type(loaded).__name__}")
+    return loaded
+
+
+def validate(values: dict, where: dict[str, str] | None = None) -> BonmfConfig:
+    """`values` (nested sections) → BonmfConfig; errors name the key path and where it was
+    set (`where`: key path → 'params.yaml', '--set', '--epochs', …)."""
+    try:
+        return BonmfConfig.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            path = ".".join(str(p) for p in error["loc"])
+            origin = _origin(path, where or {})
+            if error["type"] == "extra_forbidden":
+                section = _known(error["loc"][:-1])
+                message = f"unknown key (known: {', '.join(section)})" if section else \
+                    "unknown key"
+            else:
+                message = error["msg"]
+            lines.append(f"{origin}{path}: {message}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+def _known(loc) -> list[str]:
+    model: Any = BonmfConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) \
+                or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _origin(path: str, where: dict[str, str]) -> str:
+    best = ""
+    for key, origin in where.items():
+        if (path == key or path.startswith(key + ".")) and len(key) > len(best):
+            best = key
+    return f"{where[best]}: " if best else ""
+
+
+def _paths(values: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, dict):
+            out.extend(_paths(value, path + "."))
+    return out
+
+
+def load_config(params: str | Path | None = None, sets=(), flags: dict | None = None,
+                *, use_default_file: bool = True) -> BonmfConfig:
+    """defaults < the params file < `sets` (`section.key=value` strings) < `flags` (nested
+    overrides from explicit command-line options, e.g. {"train": {"epochs": 3}}).
+
+    `params`: the file; None = `default_params_file()` (unless `use_default_file` is off).
+    """
+    path = Path(params) if params else (default_params_file() if use_default_file else None)
+    values: dict = {}
+    where: dict[str, str] = {}
+    layers = [(read_params_file(path), str(path))] if path else []
+    layers += [(parse_set(sets), "--set"), (flags or {}, "command line")]
+    for layer, origin in layers:
+        values = merge(values, layer)
+        where.update({p: origin for p in _paths(layer)})
+    return validate(values, where)
+
+
+def config_file_of(params: str | Path | None = None) -> str | None:
+    """The params file `load_config(params)` reads, as a string (None when none)."""
+    path = Path(params) if params else default_params_file()
+    return str(path) if path else None

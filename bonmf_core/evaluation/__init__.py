@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics over score matrices and the protocol-aware evaluator."""

@@ -1,0 +1,1 @@
+"""Experiments: the variants, the one runner (split → fit → evaluate) and its reports."""

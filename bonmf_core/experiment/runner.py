@@ -1,0 +1,190 @@
+"""The one runner: split → fit each variant → evaluate → aggregate.
+
+The Dagster assets, the DVC stages and `benchmarks/quality.py` all run experiments through
+`run_fits` (and `run_protocol`, which adds the split and the results record around it). The
+fit cache is an option: with `cache_root`, each (variant, seed) fit is keyed by everything that
+determines its result (dataset hash, split, content features, hyper-parameters, variant, seed)
+and an unchanged re-run finds the saved model and metrics instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bonmf_core.atomic import write_json
+from bonmf_core.config import BonmfConfig
+from bonmf_core.data.dataset import Dataset
+from bonmf_core.data.splits import Split, make_splits
+from bonmf_core.evaluation.evaluator import evaluate
+from bonmf_core.evaluation.metrics import mean_std
+from bonmf_core.experiment.variants import BASELINES, fit_variant, modalities_of, parse_variants
+from bonmf_core.hashing import sha256_array, sha256_json
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+
+
+def fit_spec(variant: str, dataset_hash: str, split: Split, cfg: BonmfConfig, seed: int,
+             feature_ids: dict[str, str]) -> dict:
+    """Everything that determines a fit's result (and so its cache key)."""
+    used = [m for m in modalities_of(variant) if m != "id"]
+    schedule = cfg.bpr if variant == "bpr" else cfg.train
+    spec = {"v": CACHE_VERSION, "variant": variant, "seed": seed, "dataset": dataset_hash,
+            "split": split.describe(), "features": {m: feature_ids.get(m) for m in used},
+            "train": schedule.model_dump(mode="json"), "metric": cfg.train.metric,
+            "model": cfg.model.model_dump(mode="json") if variant not in BASELINES else None}
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+
+def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
+            features: dict[str, np.ndarray], *, dataset_hash: str, feature_ids: dict[str, str],
+            cache_root: str | Path | None = None) -> dict:
+    """Fit + evaluate one variant on the split's test set → its result record.
+
+    {"key", "variant", "seed", "metrics", "artifact_path" (BoNMF, with a cache), "reused",
+    "best_epoch", "history", "split", "spec"}. With `cache_root` the BoNMF model is saved
+    there (`save_model`) and the same fit later is reused; baselines keep only metrics.
+    """
+    seed = split.seed or 0
+    spec = fit_spec(variant, dataset_hash, split, cfg, seed, feature_ids)
+    key = sha256_json(spec)[:20]
+    folder = Path(cache_root) / key if cache_root else None
+    if folder is not None and (folder / "result.json").exists():
+        result = json.loads((folder / "result.json").read_text())
+        if result.get("artifact_path") is None or Path(result["artifact_path"]).exists():
+            result["reused"] = True
+            return result
+    started = time.perf_counter()
+    scorer, train_result = fit_variant(variant, dataset, split, cfg, seed, features)
+    fit_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    metrics = evaluate(scorer, split, "test", tuple(cfg.protocol.ks))
+    metrics.update(fit_s=fit_s, eval_s=time.perf_counter() - t0)
+    result = {"key": key, "variant": variant, "seed": seed, "metrics": metrics,
+              "artifact_path": None, "best_epoch": None, "dataset_hash": dataset_hash,
+              "split": split.describe(), "spec": spec}
+    if train_result is not None:
+        metrics.update(best_epoch=train_result.best_epoch, epochs_run=train_result.epochs_run,
+                       samples_per_s=train_result.samples_per_s)
+        result["best_epoch"] = train_result.best_epoch
+        result["history"] = train_result.history   # the training curve (epochs, validation)
+    if folder is not None:
+        if variant not in BASELINES:
+            result["artifact_path"] = str(_save(folder / "model", scorer, dataset, cfg, result))
+        write_json(folder / "result.json", result)
+    result["reused"] = False
+    result["scorer"] = scorer   # in memory only (not in result.json)
+    return result
+
+
+def _save(path: Path, scorer, dataset: Dataset, cfg: BonmfConfig, result: dict) -> Path:
+    from bonmf_core.models.artifacts import save_model
+
+    metrics = result["metrics"]
+    save_model(path, scorer, user_ids=dataset.user_ids, item_ids=dataset.item_ids,
+               metadata={"variant": result["variant"], "seed": result["seed"],
+                         "train": cfg.train.model_dump(mode="json"),
+                         "model_params": cfg.model.model_dump(mode="json"),
+                         "dataset": {"name": dataset.name,
+                                     "content_hash": result["dataset_hash"]},
+                         "protocol": result["split"],
+                         "metrics": {k: v for k, v in metrics.items()
+                                     if isinstance(v, (int, float))},
+                         "best_epoch": result["best_epoch"]})
+    return path
+
+
+def run_fits(variants, dataset: Dataset, splits: list[Split], cfg: BonmfConfig,
+             features: dict[str, np.ndarray], *, dataset_hash: str | None = None,
+             feature_ids: dict[str, str] | None = None, cache_root: str | Path | None = None,
+             report: Callable[[str], None] = log.info) -> list[dict]:
+    """Every variant on every split → one result per (split, variant), in that order.
+
+    `feature_ids`: what identifies each content matrix in the cache key (e.g. the encoder
+    identity and the dataset hash: a cold encode and a cache read are the same features);
+    default: a hash of its bytes.
+    """
+    dataset_hash = dataset_hash or dataset.content_hash()
+    ids = {m: (feature_ids or {}).get(m) or sha256_array(f)[:16] for m, f in features.items()}
+    fits = []
+    for split in splits:
+        for variant in variants:
+            fit = fit_one(variant, dataset, split, cfg, features, dataset_hash=dataset_hash,
+                          feature_ids=ids, cache_root=cache_root)
+            report(f"{variant} seed {split.seed}: {'reused' if fit['reused'] else 'trained'} "
+                   f"{ {k: round(v, 4) for k, v in fit['metrics'].items() if '@' in k} }")
+            fits.append(fit)
+    return fits
+
+
+def aggregate(fits: list[dict]) -> dict:
+    """{variant: {metric: {mean, std, values}}} over the seeds of each variant."""
+    by_variant: dict[str, list[dict]] = {}
+    for fit in fits:
+        by_variant.setdefault(fit["variant"], []).append(fit["metrics"])
+    return {v: mean_std(runs) for v, runs in by_variant.items()}
+
+
+def choose_candidate(fits: list[dict], candidates, metric: str) -> dict:
+    """The best of `candidates` on `metric` (mean over seeds) → {variant, fit (its first
+    seed's), metrics (means), results (every variant's mean ± std)}."""
+    results = aggregate(fits)
+    best = max(candidates, key=lambda v: results[v][metric]["mean"])
+    chosen = next(f for f in fits if f["variant"] == best)
+    return {"variant": best, "fit": chosen, "results": results,
+            "metrics": {k: v["mean"] for k, v in results[best].items()}}
+
+
+def results_record(cfg: BonmfConfig, splits: list[dict], dataset: dict, results: dict,
+                   candidate: dict | None = None, **extra) -> dict:
+    """The evaluation record (what metrics.json holds): the protocol it was measured on, the
+    dataset, the candidate and every variant's mean ± std. `splits`: Split.describe()s;
+    `dataset`: {name, content_hash, users, items, interactions}."""
+    protocol = cfg.protocol
+    return {
+        "protocol": protocol.name, "dataset": dataset["name"],
+        "ks": list(protocol.ks), "seeds": list(protocol.seeds),
+        "protocol_details": {"splits": splits, "ncf_dir": protocol.ncf_dir,
+                             "order": protocol.order, "cold_fraction": protocol.cold_fraction},
+        "dataset_details": {k: dataset[k] for k in ("content_hash", "users", "items",
+                                                    "interactions")},
+        "candidate": candidate,
+        "params": {k: getattr(cfg, k).model_dump(mode="json")
+                   for k in ("model", "train", "bpr", "encoders")},
+        "results": results,
+        **extra,
+    }
+
+
+def dataset_record(dataset: Dataset, dataset_hash: str | None = None) -> dict:
+    summary = dataset.summary()
+    return {"name": dataset.name, "content_hash": dataset_hash or dataset.content_hash(),
+            **{k: summary[k] for k in ("users", "items", "interactions")}}
+
+
+def run_protocol(dataset: Dataset, cfg: BonmfConfig, variants=None,
+                 cache_root: str | Path | None = None) -> dict:
+    """Evaluate `variants` (default: the pipeline's candidates + baselines) on `dataset` under
+    `cfg.protocol`, mean ± std over its seeds → the results record (+ "seconds", "features").
+    Content comes from `cfg.encoders`."""
+    from bonmf_core.content.features import content_features
+
+    variants = parse_variants(variants if variants is not None else
+                              cfg.pipeline.candidates + cfg.pipeline.baselines)
+    started = time.perf_counter()
+    wanted = sorted({m for v in variants for m in modalities_of(v)} - {"id"})
+    features, feature_report = content_features(dataset, wanted, cfg.encoders)
+    splits = make_splits(dataset, cfg.protocol)
+    dataset_hash = dataset.content_hash()
+    fits = run_fits(variants, dataset, splits, cfg, features, dataset_hash=dataset_hash,
+                    cache_root=cache_root)
+    return results_record(cfg, [s.describe() for s in splits],
+                          dataset_record(dataset, dataset_hash), aggregate(fits),
+                          features=feature_report, seconds=time.perf_counter() - started)

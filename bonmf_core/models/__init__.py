@@ -1,0 +1,1 @@
+"""The models: BoNMF (NeuMF fused with item content), the baselines, and their artifacts."""

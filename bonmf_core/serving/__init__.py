@@ -1,0 +1,1 @@
+"""Serving without BentoML: the serving bundle and the runtime engine."""
