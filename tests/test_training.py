@@ -6,11 +6,12 @@ import torch
 
 from bonmf_core.models.baselines import MatrixFactorization, Popularity
 from bonmf_core.evaluation.evaluator import evaluate
-from bonmf_core.experiment.variants import build_bonmf, fit_variant, run_protocol
+from bonmf_core.config import EncodersConfig, TrainConfig, load_config
 from bonmf_core.content.features import basic_content_features
-from bonmf_core.params import load_params
+from bonmf_core.experiment.runner import run_protocol
+from bonmf_core.experiment.variants import build_bonmf, fit_variant
 from bonmf_core.data.splits import cold_item_split, leave_one_out_split
-from bonmf_core.training import NegativeSampler, TrainConfig, train, train_with_refit
+from bonmf_core.training import NegativeSampler, train, train_with_refit
 
 FAST = {"epochs": 4, "batch_size": 2048, "patience": 2}
 
@@ -21,9 +22,9 @@ def loo(small_demo):
 
 
 def _params(**train):
-    return load_params(overrides={"train": {"refit": False, **FAST, **train},
-                                  "model": {"gmf_dim": 16, "mlp_layers": [32, 16, 8],
-                                            "content_hidden": 64}})
+    return load_config(flags={"train": {"refit": False, **FAST, **train},
+                              "model": {"gmf_dim": 16, "mlp_layers": [32, 16, 8],
+                                        "content_hidden": 64}}, use_default_file=False)
 
 
 def test_negative_sampler_never_returns_a_positive_or_a_non_candidate():
@@ -78,8 +79,8 @@ def test_checkpoint_is_safetensors_of_best_weights(small_demo, loo, tmp_path):
     from safetensors.torch import load_file
 
     model, result = fit_variant("id", small_demo, loo, _params(epochs=3), 0, {})
-    cfg = TrainConfig(**{**FAST, "epochs": 2, "checkpoint_dir": str(tmp_path / "ckpt")})
-    train(model, loo, cfg)
+    cfg = TrainConfig(**{**FAST, "epochs": 2})
+    train(model, loo, cfg, checkpoint_dir=tmp_path / "ckpt")
     saved = load_file(str(tmp_path / "ckpt" / "best.safetensors"))
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(saved[name], tensor)
@@ -91,7 +92,7 @@ def test_cold_items_recommended_through_content(small_demo):
     """Held-out items, never seen in training, ranked for their users from content alone."""
     split = cold_item_split(small_demo, seed=0)
     params = _params(epochs=8, patience=3)
-    feats, _ = basic_content_features(small_demo, ["text", "image"])
+    feats, _ = basic_content_features(small_demo, ["text", "image"], EncodersConfig())
     model, _ = fit_variant("text+image", small_demo, split, params, 0, feats)
     content = evaluate(model, split)
     id_only, _ = fit_variant("id", small_demo, split, params, 0, {})
@@ -108,7 +109,7 @@ def test_cold_items_recommended_through_content(small_demo):
 
 def test_run_protocol_reports_protocol_seeds_and_spread(small_demo):
     params = _params(epochs=3, lr=0.01)
-    params["protocol"]["seeds"] = [0, 1]
+    params.protocol.seeds = [0, 1]
     out = run_protocol(small_demo, params, "pop,id")
     assert out["protocol"] == "ncf" and out["seeds"] == [0, 1]
     assert out["dataset_details"]["content_hash"] == small_demo.content_hash()
@@ -120,13 +121,13 @@ def test_run_protocol_reports_protocol_seeds_and_spread(small_demo):
 
 def test_user_attributes_are_wired(small_demo, loo):
     params = _params(epochs=1)
-    params["model"]["user_attributes"] = True
-    model = build_bonmf(small_demo, ("id",), params["model"], {})
+    params.model.user_attributes = True
+    model = build_bonmf(small_demo, ("id",), params.model, {})
     assert model.config.user_attribute_cardinalities == (small_demo.users["segment"].nunique(),)
 
 
 def test_refit_trains_a_fresh_model_on_train_and_valid_for_the_best_epochs(small_demo, loo):
-    cfg = TrainConfig(**FAST, lr=0.01)
+    cfg = TrainConfig(**FAST, lr=0.01, refit=True)
     built = []
 
     def build():
@@ -149,3 +150,11 @@ def _valid_as_test(split):
     # rightly refuse, since the refit model trained on them; here that is the point.
     return replace(split, test=split.valid, test_negatives=split.valid_negatives,
                    train=split.train.iloc[:0])
+
+
+def test_early_stopping_on_any_metric_and_k(small_demo, loo):
+    """train.metric other than …@10 is validated at its own k (it raised KeyError before)."""
+    params = _params(epochs=2, metric="hr@5")
+    _, result = fit_variant("id", small_demo, loo, params, 0, {})
+    assert result.best_metric == max(h["valid"]["hr@5"] for h in result.history)
+    assert "hr@10" not in result.history[0]["valid"]
