@@ -1,7 +1,7 @@
 """Catalog encoding benchmark: a cold cache, then the same catalog again on the warm cache.
 
     python benchmarks/encode_catalog.py --data ../shared/datasets/ml-1m --out FILE.json \
-        [--check-fp32 200] [--device auto] [--precision auto] [--image-model NAME --image-weights W]
+        [--check-fp32 200] [--set encoders.device=cpu] [--set encoders.precision=fp32] [--set encoders.image_model=NAME]
 
 Prints and writes {"text_items_per_s", "image_items_per_s", "text_s", "image_s",
 "cached_rerun_s", "device", ...}. items/s counts encoding (decode + forward + cache writes);
@@ -25,14 +25,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bonmf_core.atomic import write_json  # noqa: E402
-from bonmf_core.content.catalog import EncoderSettings, encode_catalog  # noqa: E402
+from bonmf_core.config import EncodersConfig, add_config_arguments, load_config  # noqa: E402
+from bonmf_core.content.catalog import encode_catalog  # noqa: E402
 from bonmf_core.data.readers import load_dataset  # noqa: E402
 from bonmf_core.store.database import Store  # noqa: E402
 
 
-def _cosine_to_fp32(dataset, settings: EncoderSettings, fast: dict, n: int) -> dict:
+def _cosine_to_fp32(dataset, settings: EncodersConfig, fast: dict, n: int) -> dict:
     """Encode the first n items in fp32 (no cache) and compare with the cached fast vectors."""
-    from bonmf_core.content.catalog import compose_item_texts
+    from bonmf_core.content.text import compose_item_texts
     from bonmf_core.content.encoders import ImageEncoder, TextEncoder
 
     out = {}
@@ -53,23 +54,17 @@ def _cosine_to_fp32(dataset, settings: EncoderSettings, fast: dict, n: int) -> d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="demo")
+    p.add_argument("--data", default=None, help="default: data.source")
     p.add_argument("--out", required=True)
     p.add_argument("--store-url", default=None, help="default: a fresh SQLite file (cold cache)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
-    p.add_argument("--text-model", default="default")
-    p.add_argument("--image-model", default="efficientnet_lite0")
-    p.add_argument("--image-weights", default="default")
-    p.add_argument("--batch-size", type=int, default=None)
+    add_config_arguments(p)   # encoders.* (device, precision, text_model, ...) by --set
     p.add_argument("--check-fp32", type=int, default=0, metavar="N")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
-    dataset = load_dataset(args.data)
-    settings = EncoderSettings(text_model=args.text_model, image_model=args.image_model,
-                               image_weights=args.image_weights, device=args.device,
-                               precision=args.precision, batch_size=args.batch_size)
+    cfg = load_config(args.params, args.set, {"data": {"source": args.data}} if args.data else {})
+    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
+    settings = cfg.encoders
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(args.store_url or f"sqlite:///{tmp}/cache.db")
         cold = encode_catalog(dataset, store, settings)

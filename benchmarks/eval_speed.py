@@ -17,10 +17,11 @@ import torch
 
 from bonmf_core.atomic import write_json
 from bonmf_core.evaluation.evaluator import evaluate
-from bonmf_core.experiment.variants import build_bonmf, load_dataset
-from bonmf_core.evaluation.metrics import full_ranking_metrics, sampled_metrics
-from bonmf_core.params import load_params
+from bonmf_core.config import add_config_arguments, load_config
+from bonmf_core.data.readers import load_dataset
 from bonmf_core.data.splits import make_split
+from bonmf_core.evaluation.metrics import full_ranking_metrics, sampled_metrics
+from bonmf_core.experiment.variants import build_bonmf
 
 
 def best_of(fn, repeat=3) -> float:
@@ -34,15 +35,17 @@ def best_of(fn, repeat=3) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="demo")
+    p.add_argument("--data", default=None, help="default: data.source")
     p.add_argument("--ncf-dir", default=None)
+    add_config_arguments(p)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    params = load_params()
-    dataset = load_dataset(args.data)
-    ncf = make_split(dataset, "ncf", ncf_dir=args.ncf_dir)
-    full = make_split(dataset, "full")
-    model = build_bonmf(dataset, ("id",), params["model"], {}).eval()
+    cfg = load_config(args.params, args.set, {"data": {"source": args.data}} if args.data else {})
+    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
+    ncf = make_split(dataset, cfg.protocol.model_copy(
+        update={"name": "ncf", "ncf_dir": args.ncf_dir or cfg.protocol.ncf_dir}), 0)
+    full = make_split(dataset, cfg.protocol.model_copy(update={"name": "full"}), 0)
+    model = build_bonmf(dataset, ("id",), cfg.model, {}).eval()
     n_users, n_items = dataset.n_users, dataset.n_items
 
     rng = np.random.default_rng(0)

@@ -22,10 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bonmf_core.config import add_config_arguments
+
 
 def _one(args) -> int:
     """Child: one run, its summary (with peak RSS) as JSON on the last stdout line."""
-    from bonmf_core.cli import _parser, build_params
+    from orchestration.cli import _parser, build_config
     from orchestration.main import run_pipeline
 
     cli = ["run", "--data", args.data]
@@ -34,10 +36,10 @@ def _one(args) -> int:
                         ("--variants", args.variants)):
         if value is not None:
             cli += [flag, str(value)]
-    params = build_params(_parser().parse_args(cli))
+    cli += [f"--set={s}" for s in args.set]
+    cfg = build_config(_parser().parse_args(cli))
     started = time.perf_counter()
-    summary = run_pipeline(params, params_path=args.params, state=Path(args.state),
-                           log_level="WARNING")
+    summary = run_pipeline(cfg, state=Path(args.state), log_level="WARNING")
     wall = time.perf_counter() - started
     out = {"success": summary["success"], "error": summary.get("error"),
            "wall_s": round(wall, 2), "dagster_run_s": summary["seconds"],
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--state", default=None, help="state folder (default: a fresh temp folder, "
                                                  "removed afterwards)")
-    p.add_argument("--params", default=None)
+    add_config_arguments(p)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--encoders", choices=("pretrained", "basic"), default=None)
     p.add_argument("--seeds", default=None)
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     for flag in ("params", "epochs", "encoders", "seeds", "variants"):
         if getattr(args, flag) is not None:
             child += [f"--{flag}", str(getattr(args, flag))]
+    child += [f"--set={s}" for s in args.set]
     env = {**os.environ, "BONMF_STATE_DIR": str(Path(args.state).resolve())}
     runs = {}
     try:
@@ -97,8 +100,8 @@ def main(argv=None) -> int:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
     result = {"benchmark": "pipeline", "data": args.data, "cpus": os.cpu_count(),
-              "options": {k: getattr(args, k) for k in ("params", "epochs", "encoders", "seeds",
-                                                        "variants")},
+              "options": {k: getattr(args, k) for k in ("params", "set", "epochs", "encoders",
+                                                        "seeds", "variants")},
               "cold": runs["cold"], "unchanged": runs["unchanged"],
               "total_s": {k: v["wall_s"] for k, v in runs.items()},
               "peak_rss_mb": max(v["peak_rss_mb"] for v in runs.values())}

@@ -14,37 +14,39 @@ import sys
 import time
 
 from bonmf_core.atomic import write_json
-from bonmf_core.experiment.variants import (build_bonmf, load_dataset, modalities_of, parse_variants,
-                                   train_config)
+from bonmf_core.config import add_config_arguments, load_config
 from bonmf_core.content.features import basic_content_features
-from bonmf_core.params import load_params
+from bonmf_core.data.readers import load_dataset
+from bonmf_core.experiment.variants import build_bonmf, modalities_of, parse_variants
 from bonmf_core.data.splits import leave_one_out_split
 from bonmf_core.training import train
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="demo")
+    p.add_argument("--data", default=None, help="default: data.source")
     p.add_argument("--variant", default="id")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--params", default=None)
+    add_config_arguments(p)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     (variant,) = parse_variants(args.variant)
     if variant in ("pop", "bpr"):
         sys.exit("train_throughput measures BoNMF variants: id, text, image, text+image")
-    params = load_params(args.params)
-    dataset = load_dataset(args.data, params["data"]["demo_seed"])
+    cfg = load_config(args.params, args.set,
+                      {"train": {"epochs": args.epochs},
+                       **({"data": {"source": args.data}} if args.data else {})})
+    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
     split = leave_one_out_split(dataset, seed=0)
     modalities = modalities_of(variant)
-    features, _ = basic_content_features(dataset, [m for m in modalities if m != "id"])
-    model = build_bonmf(dataset, modalities, params["model"], features)
-    cfg, _ = train_config(params["train"], seed=0, epochs=args.epochs)
+    features, _ = basic_content_features(dataset, [m for m in modalities if m != "id"],
+                                         cfg.encoders)
+    model = build_bonmf(dataset, modalities, cfg.model, features)
     started = time.perf_counter()
-    result = train(model, split, cfg, validate=False)
+    result = train(model, split, cfg.train, seed=0, validate=False)
     out = {
         "data": dataset.name, "variant": variant, "epochs": result.epochs_run,
-        "batch_size": cfg.batch_size, "negatives": cfg.negatives,
+        "batch_size": cfg.train.batch_size, "negatives": cfg.train.negatives,
         "samples_per_s": result.samples_per_s,
         "epoch_s": result.seconds / result.epochs_run,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -396,3 +396,14 @@ def config_file_of(params: str | Path | None = None) -> str | None:
     """The params file `load_config(params)` reads, as a string (None when none)."""
     path = Path(params) if params else default_params_file()
     return str(path) if path else None
+
+
+def add_config_arguments(parser) -> None:
+    """`--params FILE` and repeatable `--set section.key=value` on an argparse parser: the
+    options every command and benchmark reads the configuration with (`load_config(args.params,
+    args.set, flags)`)."""
+    parser.add_argument("--params", default=None,
+                        help="params file (default: $BONMF_PARAMS, else ./params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter (YAML value; repeatable), e.g. "
+                             "--set train.lr=0.01 --set pipeline.candidates=[id]")

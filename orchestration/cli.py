@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from bonmf_core.config import add_config_arguments
 from bonmf_core.errors import ConfigMismatchError, DataError, LeakageError
 
 # Loggers of the libraries underneath: WARNING unless -v (their INFO chatter buries the summary).
@@ -25,12 +26,8 @@ QUIET_LOGGERS = ("alembic", "great_expectations", "bentoml", "dvc", "transformer
                  "urllib3", "filelock", "httpx", "matplotlib", "PIL")
 
 
-def _config_options(parser: argparse.ArgumentParser, params_default=None) -> None:
-    parser.add_argument("--params", default=params_default,
-                        help="params file (default: $BONMF_PARAMS, else ./params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one parameter (YAML value; repeatable), e.g. "
-                             "--set train.lr=0.01 --set pipeline.candidates=[id]")
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="libraries' logs and full tracebacks")
 

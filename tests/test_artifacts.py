@@ -10,9 +10,9 @@ from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 
 def _model(n_users=12, n_items=9):
     torch.manual_seed(0)
-    cfg = BoNMFConfig(n_users, n_items, modalities=("id", "text"), gmf_dim=4,
-                      mlp_layers=(8, 4), content_hidden=8, feature_dims={"text": 5},
-                      user_attribute_cardinalities=(2,))
+    cfg = BoNMFConfig(n_users, n_items, modalities=("id", "text"), feature_dims={"text": 5},
+                      user_attribute_cardinalities=(2,), gmf_dim=4, mlp_layers=(8, 4),
+                      content_hidden=8, content_dim=128, id_dropout=0.0, dropout=0.0)
     model = BoNMF(cfg, features={"text": torch.randn(n_items, 5)},
                   user_attributes=(torch.arange(n_users) % 2)[:, None])
     with torch.no_grad():

@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bonmf_core.content.catalog import (EncoderSettings, compose_item_texts, encode_catalog,
+from bonmf_core.config import ConfigError, EncodersConfig, load_config
+from bonmf_core.content.text import compose_item_texts
+from bonmf_core.content.catalog import (encode_catalog,
                                          with_content_features)
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.content.embedding_cache import EmbeddingCache
@@ -18,7 +20,7 @@ from bonmf_core.store.schema import SCHEMA_VERSION, SchemaVersion
 from bonmf_core.store.database import Store, StoreVersionError
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = EncoderSettings(device="cpu", batch_size=8, image_workers=0)
+SETTINGS = EncodersConfig(device="cpu", batch_size=8, image_workers=0)
 
 
 def tiny(small_demo, n_items=24, **item_changes) -> Dataset:
@@ -39,7 +41,8 @@ def store(tmp_path):
 def test_text_template_skips_absent_fields_and_reads_genres_as_words():
     items = pd.DataFrame({"item_id": ["1", "2"], "title": ["Heat", "Up"],
                           "genres": ["Action|Crime", ""], "overview": [None, "A balloon."]})
-    assert compose_item_texts(items) == ["Heat | Action, Crime", "Up | A balloon."]
+    fields = EncodersConfig().text_fields
+    assert compose_item_texts(items, fields, " | ") == ["Heat | Action, Crime", "Up | A balloon."]
     assert compose_item_texts(items, ("overview", "title"), " / ") == ["Heat", "A balloon. / Up"]
 
 
@@ -75,7 +78,7 @@ def test_changing_the_encoder_invalidates_only_its_entries(small_demo, store):
     first = encode_catalog(data, store, SETTINGS)
     cache = EmbeddingCache(store)
     before = cache.count()
-    shorter = EncoderSettings(device="cpu", batch_size=8, image_workers=0, text_max_length=16)
+    shorter = EncodersConfig(device="cpu", batch_size=8, image_workers=0, text_max_length=16)
     out = encode_catalog(data, store, shorter)
     assert out["text"].manifest["encoded_now"] == 24            # new text encoder identity
     assert out["image"].manifest["encoded_now"] == 0            # image encoder unchanged
@@ -103,7 +106,8 @@ def test_missing_and_corrupt_images_are_masked_and_counted(small_demo, store, tm
 _WORKER = """
 import sys, os
 import numpy as np
-from bonmf_core.content.catalog import EncoderSettings, encode_catalog
+from bonmf_core.config import EncodersConfig
+from bonmf_core.content.catalog import encode_catalog
 from bonmf_core.data.demo import demo_dataset
 from bonmf_core.content.embedding_cache import EmbeddingCache
 from bonmf_core.store.database import Store
@@ -119,7 +123,7 @@ if crash_after:  # die like a killed process after this many committed chunks
             os._exit(9)
         return n
     EmbeddingCache.put_many = put_then_maybe_die
-settings = EncoderSettings(device="cpu", batch_size=4, image_workers=0, write_chunk=8)
+settings = EncodersConfig(device="cpu", batch_size=4, image_workers=0, write_chunk=8)
 result = encode_catalog(data, Store(url), settings, modalities=("text",))
 np.save(out, result["text"].vectors)
 """
@@ -165,23 +169,21 @@ def test_schema_version_recorded_and_newer_database_refused(tmp_path):
 
 
 def test_unknown_encoder_setting_refused():
-    with pytest.raises(ValueError, match="text_modle"):
-        EncoderSettings.from_params({"text_modle": "x"})
-    assert EncoderSettings.from_params({"text_fields": ["title"]}).text_fields == ("title",)
-    # The whole params section is accepted: source/store_url choose whether and where.
-    assert EncoderSettings.from_params({"source": "pretrained", "store_url": None}) == EncoderSettings()
+    with pytest.raises(ConfigError, match="encoders.text_modle: unknown key"):
+        load_config(sets=["encoders.text_modle=x"], use_default_file=False)
+    assert load_config(sets=["encoders.text_fields=[title]"],
+                       use_default_file=False).encoders.text_fields == ["title"]
 
 
 def test_cold_items_recommended_through_pretrained_content(small_demo, store):
     """BoNMF text+image on encoder vectors ranks never-seen items far above chance."""
     from bonmf_core.evaluation.evaluator import evaluate
     from bonmf_core.experiment.variants import fit_variant
-    from bonmf_core.params import load_params
     from bonmf_core.data.splits import cold_item_split
 
     data = with_content_features(small_demo, encode_catalog(small_demo, store, SETTINGS))
     split = cold_item_split(data, seed=0)
-    params = load_params(overrides={"train": {"epochs": 6, "refit": False}})  # small data: small batches
+    params = load_config(flags={"train": {"epochs": 6, "refit": False}}, use_default_file=False)  # small data: small batches
     model, _ = fit_variant("text+image", data, split, params, 0, data.features)
     got = evaluate(model, split, "test", (10,))
     # Chance: a random top 10 of the cold candidates holds 10/|candidates| of a user's items.

@@ -1,6 +1,7 @@
 import numpy as np
 
 from bonmf_core.data.demo import demo_dataset
+from bonmf_core.config import EncodersConfig
 from bonmf_core.content.features import basic_content_features
 
 
@@ -28,7 +29,7 @@ def test_shape_skew_and_timestamps(small_demo):
 
 def test_content_carries_taste(small_demo):
     """Items a user interacted with are closer in text space than random item pairs."""
-    feats, _ = basic_content_features(small_demo, ["text"])
+    feats, _ = basic_content_features(small_demo, ["text"], EncodersConfig())
     text = feats["text"]
     inter = small_demo.interactions
     rng = np.random.default_rng(0)

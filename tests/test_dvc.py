@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from bonmf_core.ops import registry
-from bonmf_core.params import load_params
+from bonmf_core.config import load_config
 from bonmf_core.store.database import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ TINY = {"data": {"demo_users": 150, "demo_items": 200},
         "protocol": {"seeds": [0]},
         "promotion": {"floors": {}},
         "pipeline": {"candidates": ["id", "text+image"], "baselines": ["pop"]}}
-CODE_DEPS = ("bonmf_core", "data_checks", "bentos")   # dvc.yaml's code dependencies
+CODE_DEPS = ("bonmf_core", "data_checks", "bentos", "orchestration")   # dvc.yaml's code dependencies
 STAGES = ("snapshot", "validate", "encode", "train", "evaluate", "package")
 
 
@@ -47,7 +47,7 @@ def make_project(root: Path, params: dict) -> Path:
     for name in CODE_DEPS:
         shutil.copytree(REPO / name, root / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params.dump(), sort_keys=False))
     git(root, "init", "-q")
     git(root, "config", "user.email", "tests@bonmf.invalid")
     git(root, "config", "user.name", "bonmf tests")
@@ -93,7 +93,7 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("dvc") / "repo", load_params(None, TINY))
+    root = make_project(tmp_path_factory.mktemp("dvc") / "repo", load_config(flags=TINY, use_default_file=False))
     started = time.perf_counter()
     done = dvc(root, "repro", *STAGES)
     print(f"dvc repro (cold): {time.perf_counter() - started:.1f} s")
@@ -184,14 +184,14 @@ def promoted_twice(tmp_path_factory):
     from orchestration.main import run_pipeline
 
     root = make_project(tmp_path_factory.mktemp("dvc-promoted") / "repo",
-                        load_params(None, TINY))
+                        load_config(flags=TINY, use_default_file=False))
     state = root / ".bonmf"
     saved = {k: os.environ.get(k) for k in ("BONMF_STATE_DIR", "DAGSTER_HOME",
                                             "DVC_SITE_CACHE_DIR")}
     try:
         runs = []
         for epochs, force in ((2, False), (3, True)):
-            params = load_params(None, {**TINY, "train": {**TINY["train"], "epochs": epochs}})
+            params = load_config(flags={**TINY, "train": {**TINY["train"], "epochs": epochs}}, use_default_file=False)
             s = run_pipeline(params, state=state, force=force, forced_by="tests" if force
                              else None, log_level="WARNING")
             assert s["success"], s.get("error")

@@ -12,6 +12,7 @@ import torch
 from bonmf_core.models.baselines import Popularity
 from bonmf_core.data.demo import demo_dataset
 from bonmf_core.evaluation.evaluator import evaluate, evaluate_sampled
+from bonmf_core.config import ProtocolConfig
 from bonmf_core.data.splits import Split, make_split, positive_matrix
 
 LOG2_3 = math.log2(3)
@@ -139,7 +140,7 @@ def test_evaluate_sampled_drops_minus_one_candidates():
 @pytest.mark.parametrize("protocol", ["ncf", "full", "cold_items"])
 @pytest.mark.parametrize("which", ["test", "valid"])
 def test_oracle_is_perfect(demo, protocol, which):
-    split = make_split(demo, protocol, seed=0)
+    split = make_split(demo, ProtocolConfig(name=protocol), 0)
     held = split.test if which == "test" else split.valid
     truth = positive_matrix(demo.n_users, demo.n_items, held).toarray()
     max_rel = int(truth.sum(1).max())
@@ -155,7 +156,7 @@ def test_oracle_is_perfect(demo, protocol, which):
 
 @pytest.mark.parametrize("protocol", ["ncf", "full"])
 def test_popularity_beats_constant(demo, protocol):
-    split = make_split(demo, protocol, seed=0)
+    split = make_split(demo, ProtocolConfig(name=protocol), 0)
     pop = evaluate(Popularity(demo.n_items).fit(split.train), split)
     const = evaluate(Constant(demo.n_users, demo.n_items), split)
     assert pop["hr@10"] > const["hr@10"] + 0.05
@@ -166,6 +167,6 @@ def test_popularity_beats_constant(demo, protocol):
 
 def test_cold_items_popularity_earns_nothing_from_tie_order(demo):
     """Cold items have no training counts: popularity ties them all, and ties earn no hits."""
-    split = make_split(demo, "cold_items", seed=0)
+    split = make_split(demo, ProtocolConfig(name="cold_items"), 0)
     pop = evaluate(Popularity(demo.n_items).fit(split.train), split)
     assert pop["hr@10"] == 0.0 and pop["recall@10"] == 0.0

@@ -1,14 +1,18 @@
 import pytest
 import torch
 
+from bonmf_core.config import ModelConfig
 from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
+
+# The schema's model defaults (the hyper-parameters BoNMFConfig takes from configuration).
+ARCH = ModelConfig().model_dump(exclude={"user_attributes"})
 
 
 def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0):
     torch.manual_seed(seed)
     feats = {"text": torch.randn(n_items, 12), "image": torch.randn(n_items, 7)}
-    cfg = BoNMFConfig(n_users, n_items, modalities=modalities, gmf_dim=8, mlp_layers=(16, 8, 4),
-                      content_hidden=16,
+    cfg = BoNMFConfig(n_users, n_items, modalities=modalities,
+                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": 16},
                       feature_dims={m: feats[m].shape[1] for m in modalities if m != "id"},
                       user_attribute_cardinalities=(3, 2) if attrs else ())
     user_attrs = torch.stack([torch.arange(n_users) % 3, torch.arange(n_users) % 2], 1)
@@ -75,16 +79,17 @@ def test_user_attributes_change_user_vectors():
 ])
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        BoNMFConfig(10, 10, **kwargs)
+        BoNMFConfig(10, 10, **{**ARCH, **kwargs})
 
 
 def test_feature_matrix_must_align_with_items():
-    cfg = BoNMFConfig(5, 10, modalities=("id", "text"), feature_dims={"text": 4})
+    cfg = BoNMFConfig(5, 10, modalities=("id", "text"), feature_dims={"text": 4}, **ARCH)
     with pytest.raises(ValueError, match="10×4"):
         BoNMF(cfg, features={"text": torch.zeros(9, 4)})
 
 
 def test_modalities_are_normalised_to_one_order():
-    a = BoNMFConfig(5, 10, modalities=("image", "id", "text"), feature_dims={"text": 1, "image": 1})
+    a = BoNMFConfig(5, 10, modalities=("image", "id", "text"), feature_dims={"text": 1, "image": 1},
+                    **ARCH)
     assert a.modalities == ("id", "text", "image")
     assert BoNMFConfig.from_dict(a.to_dict()) == a

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bonmf_core.ops import registry
-from bonmf_core.params import load_params
+from bonmf_core.config import load_config
 from bonmf_core.hashing import sha256_tree as directory_sha256
 from bonmf_core.store.database import Store
 from test_registry import write_movielens
@@ -46,7 +46,7 @@ def state(tmp_path_factory):
 def first_run(state):
     from orchestration.main import run_pipeline
 
-    summary = run_pipeline(load_params(None, TINY), state=state, log_level="WARNING")
+    summary = run_pipeline(load_config(flags=TINY, use_default_file=False), state=state, log_level="WARNING")
     assert summary["success"], summary.get("error")
     return summary
 
@@ -132,7 +132,7 @@ def test_whole_graph_on_the_demo_ends_with_a_promoted_model(first_run, state):
 def test_unchanged_rerun_reuses_everything_and_adds_nothing(first_run, state):
     from orchestration.main import run_pipeline
 
-    again = run_pipeline(load_params(None, TINY), state=state, log_level="WARNING")
+    again = run_pipeline(load_config(flags=TINY, use_default_file=False), state=state, log_level="WARNING")
     assert again["success"]
     assert again["fits_reused"] == again["fits_total"]
     assert again["candidate"]["version_id"] == first_run["candidate"]["version_id"]
@@ -165,7 +165,7 @@ def test_corrupted_snapshot_is_blocked_and_changes_nothing(first_run, state, tmp
     production = Path(first_run["decision"]["production_path"])
     production_hash = directory_sha256(production)
 
-    params = load_params(None, {**TINY, "data": {"source": str(bad)}})
+    params = load_config(flags={**TINY, "data": {"source": str(bad)}}, use_default_file=False)
     s = run_pipeline(params, state=state, log_level="ERROR")
 
     assert not s["success"]
@@ -235,7 +235,8 @@ def test_schedule_requests_one_retrain_per_tick():
     request = result.run_requests[0]
     assert request.run_key == "scheduled-2026-03-02T03:00"
     assert request.tags["bonmf/trigger"] == "schedule"
-    assert request.run_config["ops"]["dataset_snapshot"]["config"]["source"] == "demo"
+    # No per-op config: the run reads the one configuration through ParamsResource.
+    assert not request.run_config
     assert build_schedule("*/10 * * * *", "Europe/Paris").cron_schedule == "*/10 * * * *"
 
 
@@ -253,8 +254,7 @@ def test_new_data_sensor_requests_once_per_content(tmp_path):
     assert len(first.run_requests) == 1
     key = first.run_requests[0].run_key
     assert first.cursor == key and first.run_requests[0].tags["bonmf/source_fingerprint"] == key
-    ops = first.run_requests[0].run_config["ops"]
-    assert ops["dataset_snapshot"]["config"]["source"] == str(folder)
+    assert not first.run_requests[0].run_config   # the run reads the same ParamsResource
 
     with dg.build_sensor_context(cursor=key, resources=resources) as context:
         second = new_data_sensor.evaluate_tick(context)

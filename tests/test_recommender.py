@@ -1,13 +1,14 @@
 import pytest
 
-from bonmf_core.params import load_params
+from bonmf_core.config import load_config
 from bonmf_core.recommender import Recommender
 
 
 @pytest.fixture(scope="module")
 def rec(small_demo):
-    params = load_params(overrides={"train": {"epochs": 3, "batch_size": 2048, "lr": 0.01},
-                                    "model": {"gmf_dim": 16, "mlp_layers": [32, 16]}})
+    params = load_config(flags={"train": {"epochs": 3, "batch_size": 2048, "lr": 0.01},
+                                "model": {"gmf_dim": 16, "mlp_layers": [32, 16]}},
+                         use_default_file=False)
     return Recommender.fit(small_demo, "id", params)
 
 
@@ -58,7 +59,7 @@ def test_fit_on_a_catalog_too_small_for_99_negatives():
                                      "title": [f"t{i}" for i in range(30)], "genres": "",
                                      "image_path": None}),
                  users=pd.DataFrame({"user_id": [f"u{u}" for u in range(40)]}))
-    params = load_params(overrides={"train": {"epochs": 2, "batch_size": 256}})
+    params = load_config(flags={"train": {"epochs": 2, "batch_size": 256}}, use_default_file=False)
     rec = Recommender.fit(ds, "id", params)
     recs = rec.recommend("u3", k=5)
     assert len(recs) == 5 and not {r["item_id"] for r in recs} & {f"i{(3 + k) % 30}" for k in range(6)}

@@ -7,12 +7,13 @@ import pytest
 from PIL import Image
 
 from bonmf_core.ops import registry
-from bonmf_core.ops.promotion import GateConfig, decide
+from bonmf_core.config import ConfigError, PromotionConfig, load_config
+from bonmf_core.ops.promotion import decide
 from bonmf_core.data.snapshot import (dataset_from_raw, load_snapshot, raw_tables_from_dataset,
                                  read_raw_movielens, save_snapshot, source_fingerprint)
 from bonmf_core.store.database import Store
 
-GATE = GateConfig(primary_metric="ndcg@10", min_improvement=0.01,
+GATE = PromotionConfig(primary_metric="ndcg@10", min_improvement=0.01,
                   floors={"hr@10": 0.3, "ndcg@10": 0.1}, beat_baselines=True)
 
 
@@ -46,8 +47,8 @@ def test_gate_promotes_a_better_candidate_and_can_be_forced():
 
 
 def test_gate_config_refuses_unknown_keys():
-    with pytest.raises(ValueError, match="margin"):
-        GateConfig.from_params({"margin": 0.1})
+    with pytest.raises(ConfigError, match="promotion.margin: unknown key"):
+        load_config(flags={"promotion": {"margin": 0.1}}, use_default_file=False)
 
 
 # -- the registry over a real SQLite store -----------------------------------------------------

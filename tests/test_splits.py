@@ -13,8 +13,9 @@ from bonmf_core.data.dataset import Dataset
 from bonmf_core.data.demo import demo_dataset
 from bonmf_core.errors import DataError, LeakageError
 from bonmf_core.evaluation.evaluator import check_no_leakage, evaluate
+from bonmf_core.config import ProtocolConfig
 from bonmf_core.data.splits import (assert_no_overlap, cold_item_split, implicit_pairs,
-                               leave_one_out_split, make_split, ncf_reference_split,
+                               leave_one_out_split, make_split, make_splits, ncf_reference_split,
                                positive_matrix, ratio_split, sample_negatives)
 
 
@@ -264,10 +265,10 @@ def test_cold_item_split_seeded(demo):
 
 
 def test_make_split_dispatch(demo):
-    assert make_split(demo, "full", seed=0).protocol == "full"
-    assert make_split(demo, "cold_items", seed=0, cold_fraction=0.3).info["cold_fraction"] == 0.3
-    with pytest.raises(ValueError, match="unknown protocol"):
-        make_split(demo, "nope")
+    assert make_split(demo, ProtocolConfig(name="full"), 0).protocol == "full"
+    cold = ProtocolConfig(name="cold_items", cold_fraction=0.3)
+    assert make_split(demo, cold, 0).info["cold_fraction"] == 0.3
+    assert [s.seed for s in make_splits(demo, ProtocolConfig(name="full", seeds=[3, 4]))] == [3, 4]
 
 
 # -- leakage guard -------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def test_assert_no_overlap_names_count():
 
 @pytest.mark.parametrize("protocol", ["ncf", "full", "cold_items"])
 def test_evaluate_refuses_injected_test_pair(demo, protocol):
-    split = make_split(demo, protocol, seed=0)
+    split = make_split(demo, ProtocolConfig(name=protocol), 0)
     model = Popularity(demo.n_items).fit(split.train)
     evaluate(model, split)  # clean split evaluates
     split.train = pd.concat([split.train, split.test.iloc[[3]]], ignore_index=True)

@@ -10,7 +10,7 @@ that training teaches by dropping ID embeddings at random (`id_dropout`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -23,17 +23,22 @@ FOLD_IN_STEPS, FOLD_IN_NEGATIVES, FOLD_IN_LR, FOLD_IN_REG = 60, 4, 0.05, 1e-3
 
 @dataclass
 class BoNMFConfig:
+    """The architecture a BoNMF is built with and saved by. The hyper-parameters (after `_`)
+    have no defaults here: they come from the configuration's `model` section
+    (`bonmf_core.config.ModelConfig`, see `experiment.variants.build_bonmf`)."""
+
     n_users: int
     n_items: int
     modalities: tuple[str, ...] = ("id",)
-    gmf_dim: int = 64
-    mlp_layers: tuple[int, ...] = (128, 64, 32)  # first entry = concatenated embedding width
     feature_dims: dict[str, int] = field(default_factory=dict)  # modality -> input width
-    content_hidden: int = 256
-    content_dim: int = 128     # content features are PCA-reduced to this width (0 = keep)
     user_attribute_cardinalities: tuple[int, ...] = ()
-    id_dropout: float = 0.0
-    dropout: float = 0.0
+    _: KW_ONLY
+    gmf_dim: int
+    mlp_layers: tuple[int, ...]    # first entry = concatenated embedding width
+    content_hidden: int
+    content_dim: int               # content features are PCA-reduced to this width (0 = keep)
+    id_dropout: float
+    dropout: float
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
