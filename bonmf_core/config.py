@@ -174,8 +174,9 @@ class PipelineConfig(Section):
 class ChecksConfig(Section):
     """The data checks' thresholds (data_checks.CheckThresholds) and the Data Docs switch."""
 
-    rating_scale: list[float] | None = Field(None, description="null = the scale the source "
-                                                               "declares")
+    rating_scale: tuple[float, float] | None = Field(None, description="[low, high]; null = "
+                                                                       "the scale the source "
+                                                                       "declares")
     min_interactions_per_user: int = Field(1, ge=0)
     timestamp_min: int = Field(788918400, description="1995-01-01 UTC: older is a unit "
                                                       "or parsing mistake")
@@ -190,8 +191,8 @@ class ChecksConfig(Section):
 
     @field_validator("rating_scale")
     @classmethod
-    def _scale(cls, scale: list[float] | None) -> list[float] | None:
-        if scale is not None and (len(scale) != 2 or not scale[0] < scale[1]):
+    def _scale(cls, scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        if scale is not None and not scale[0] < scale[1]:
             raise ValueError(f"rating_scale must be [low, high] with low < high, got {scale}")
         return scale
 

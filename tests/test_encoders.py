@@ -145,7 +145,12 @@ def test_cheap_identity_matches_the_loaded_encoders(text_encoder, image_encoder)
 
 def test_reduced_precision_keeps_cosine_to_fp32(text_encoder, image_encoder, small_demo):
     """bf16 is a speed trick only: its vectors stay within cosine 0.99 of fp32."""
-    texts = small_demo.item_text()[:24]
+    from bonmf_core.config import EncodersConfig
+    from bonmf_core.content.text import compose_item_texts
+
+    settings = EncodersConfig()
+    texts = compose_item_texts(small_demo.items, settings.text_fields,
+                               settings.text_separator)[:24]
     fast_text = TextEncoder(device="cpu", batch_size=8, precision="bf16")
     assert fast_text.identity()["precision"] == "bf16"
     cos = (fast_text.encode(texts) * text_encoder.encode(texts)).sum(1)

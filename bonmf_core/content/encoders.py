@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from bonmf_core.hashing import sha256_files
+from bonmf_core.config import EncodersConfig
+
+_ENC = EncodersConfig()   # option defaults are the configuration's
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +103,9 @@ class TextEncoder:
     weights run in `precision` (auto: bf16 on a CPU with native bf16, fp16 on CUDA).
     """
 
-    def __init__(self, model: str | os.PathLike = "default", device: str = "auto",
-                 batch_size: int | None = None, max_length: int = 128,
-                 precision: str = "auto"):
+    def __init__(self, model: str | os.PathLike = _ENC.text_model, device: str = _ENC.device,
+                 batch_size: int | None = None, max_length: int = _ENC.text_max_length,
+                 precision: str = _ENC.precision):
         from transformers import AutoModel, AutoTokenizer
 
         self.device = pick_device(device)
@@ -223,9 +226,9 @@ class ImageEncoder:
     overlapped with the forward passes.
     """
 
-    def __init__(self, model: str = "efficientnet_lite0", weights: str | os.PathLike = "default",
-                 device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-                 precision: str = "auto", data_config: dict | None = None,
+    def __init__(self, model: str = _ENC.image_model, weights: str | os.PathLike = _ENC.image_weights,
+                 device: str = _ENC.device, batch_size: int | None = None,
+                 workers: int | None = None, precision: str = _ENC.precision, data_config: dict | None = None,
                  fold_batchnorm: bool = True):
         import timm
 

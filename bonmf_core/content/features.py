@@ -67,14 +67,11 @@ def basic_content_features(dataset: Dataset, modalities, encoders: EncodersConfi
     """Weight-free feature matrices for the requested content modalities, and what produced
     them. Matrices the dataset already carries (e.g. from the pretrained encoders) win. The
     text is the one the text encoder would read (`encoders.text_fields`)."""
-    features, report = {}, {}
+    features, report = _carried(dataset, modalities)
     for m in modalities:
-        if m == "id":
+        if m == "id" or m in features:
             continue
-        if m in dataset.features:
-            features[m] = dataset.features[m].astype(np.float32)
-            report[m] = {"source": "dataset", "dim": int(features[m].shape[1])}
-        elif m == "text":
+        if m == "text":
             features[m] = hashed_bag_of_words(compose_item_texts(
                 dataset.items, encoders.text_fields, encoders.text_separator))
             report[m] = {"source": "hashed_bag_of_words", "dim": features[m].shape[1]}
@@ -86,6 +83,14 @@ def basic_content_features(dataset: Dataset, modalities, encoders: EncodersConfi
         else:
             raise ValueError(f"unknown modality {m!r}")
     return features, report
+
+
+def _carried(dataset: Dataset, modalities) -> tuple[dict, dict]:
+    """The matrices the dataset already carries for `modalities` (they win over encoding)."""
+    features = {m: dataset.features[m].astype(np.float32) for m in modalities
+                if m != "id" and m in dataset.features}
+    return features, {m: {"source": "dataset", "dim": int(f.shape[1])}
+                      for m, f in features.items()}
 
 
 @dataclass
@@ -133,17 +138,14 @@ def content_features(dataset: Dataset, modalities, encoders: EncodersConfig
                      ) -> tuple[dict[str, np.ndarray], dict]:
     """Content matrices for `modalities` as `encoders` configures them (matrices the dataset
     already carries win), and per modality what produced them."""
-    features, report = {}, {}
+    features, report = _carried(dataset, modalities)
     for m in modalities:
-        if m == "id":
-            continue
-        if m in dataset.features:
-            features[m] = dataset.features[m].astype(np.float32)
-            report[m] = {"source": "dataset", "dim": int(features[m].shape[1])}
+        if m == "id" or m in features:
             continue
         encoded = encode_modality(dataset, m, encoders)
         features[m] = encoded.vectors
-        report[m] = {"source": encoders.source, **{k: v for k, v in encoded.manifest.items()
+        # the basic featurizers name themselves; the pretrained path is named by its encoder
+        report[m] = {"source": encoded.manifest.get("source", encoders.source), **{k: v for k, v in encoded.manifest.items()
                                                     if k in REPORTED}}
     return features, report
 

@@ -82,12 +82,6 @@ class Dataset:
             return []
         return [c for c in self.users.columns if c != "user_id"]
 
-    def item_text(self, sep: str = " | ") -> list[str]:
-        """Title, genres and every text field of each item joined into one string."""
-        cols = ["title", "genres", *self.text_fields]
-        frame = self.items[cols].fillna("").astype(str)
-        return [sep.join(p for p in row if p) for row in frame.itertuples(index=False)]
-
     def user_attribute_codes(self) -> np.ndarray | None:
         """User attributes as an int matrix (n_users × n_attributes) of category codes."""
         cols = self.user_attribute_columns

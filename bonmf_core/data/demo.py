@@ -17,6 +17,9 @@ import pandas as pd
 from bonmf_core.atomic import atomic_dir
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.settings import state_dir
+from bonmf_core.config import DataConfig
+
+_DATA = DataConfig()   # the demo's defaults are the configuration's
 
 THEMES = ("space", "crime", "romance", "horror", "comedy", "war", "fantasy", "sports")
 # One palette colour (RGB) and one shape per theme: the picture's two visual cues.
@@ -80,7 +83,8 @@ def _write_pictures(pictures: list[np.ndarray], folder: Path) -> list[str]:
     return [str(p) for p in paths]
 
 
-def demo_dataset(seed: int = 0, n_users: int = 3000, n_items: int = 1000,
+def demo_dataset(seed: int = _DATA.demo_seed, n_users: int = _DATA.demo_users,
+                 n_items: int = _DATA.demo_items,
                  mean_interactions: float = 45.0, image_dir: str | os.PathLike | None = None
                  ) -> Dataset:
     """Generate the demo dataset. Same arguments, same data (and same pictures on disk).

@@ -31,6 +31,9 @@ from bonmf_core.atomic import atomic_dir
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.errors import DataError
 from bonmf_core.data.readers import poster_paths
+from bonmf_core.config import DataConfig
+
+_DATA = DataConfig()   # the demo's defaults are the configuration's
 
 SNAPSHOT_FORMAT = 1
 ML_RATING_SCALE = (1.0, 5.0)
@@ -102,8 +105,8 @@ def source_kind(source: str | Path) -> str:
                     "or a saved dataset (dataset.json)", path=path)
 
 
-def read_raw(source: str | Path, demo_seed: int = 0, demo_users: int = 3000,
-             demo_items: int = 1000, image_dir: str | Path | None = None) -> RawTables:
+def read_raw(source: str | Path, demo_seed: int = _DATA.demo_seed,
+             demo_users: int = _DATA.demo_users, demo_items: int = _DATA.demo_items, image_dir: str | Path | None = None) -> RawTables:
     """Ingest `source` into raw frames (lenient: bad values are for the checks to find)."""
     kind = source_kind(source)
     if kind == "demo":
@@ -305,8 +308,9 @@ def dataset_from_raw(raw: RawTables) -> Dataset:
                    rating_scale=raw.rating_scale)
 
 
-def source_fingerprint(source: str | Path, demo_seed: int = 0, demo_users: int = 3000,
-                       demo_items: int = 1000) -> str:
+def source_fingerprint(source: str | Path, demo_seed: int = _DATA.demo_seed,
+                       demo_users: int = _DATA.demo_users,
+                       demo_items: int = _DATA.demo_items) -> str:
     """A cheap hash of what `read_raw(source, ...)` would ingest, without parsing it.
 
     Files directly in the source folder are hashed by content; image folders (posters/,

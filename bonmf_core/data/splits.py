@@ -20,6 +20,7 @@ from bonmf_core.data.dataset import Dataset
 from bonmf_core.errors import DataError, LeakageError
 
 PROTOCOLS = ("ncf", "full", "cold_items")
+_PROTOCOL = ProtocolConfig()   # option defaults are the configuration's
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _checked_ids(ids: np.ndarray, n: int, path: Path) -> np.ndarray:
 
 
 def ratio_split(dataset: Dataset, seed: int = 0, ratios=(0.8, 0.1, 0.1),
-                order: str = "random") -> Split:
+                order: str = _PROTOCOL.order) -> Split:
     """Per-user ratio split for full ranking: `random` (seeded shuffle) or `temporal`."""
     if order not in ("random", "temporal"):
         raise ValueError(f"order must be 'random' or 'temporal', not {order!r}")
@@ -248,7 +249,7 @@ def ratio_split(dataset: Dataset, seed: int = 0, ratios=(0.8, 0.1, 0.1),
                  info={"ratios": list(ratios), "order": order})
 
 
-def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = 0.2,
+def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = _PROTOCOL.cold_fraction,
                     valid_fraction: float = 0.1) -> Split:
     """Hold out a seeded `fraction` of items entirely (test) and `valid_fraction` (validation).
 

@@ -14,6 +14,9 @@ import torch
 from bonmf_core.errors import LeakageError
 from bonmf_core.evaluation.metrics import full_ranking_metrics, sampled_metrics
 from bonmf_core.data.splits import Split, assert_no_overlap, positive_matrix
+from bonmf_core.config import ProtocolConfig
+
+DEFAULT_KS = tuple(ProtocolConfig().ks)   # the configuration's protocol.ks
 
 
 class Scorer(Protocol):
@@ -41,7 +44,7 @@ def check_no_leakage(split: Split, which: str = "test") -> None:
 
 @torch.inference_mode()
 def evaluate_sampled(scorer: Scorer, users: np.ndarray, positives: np.ndarray,
-                     negatives: np.ndarray, ks=(10,), chunk: int = 256) -> dict:
+                     negatives: np.ndarray, ks=DEFAULT_KS, chunk: int = 256) -> dict:
     """Rank each positive among its sampled negatives (entries of -1 are dropped candidates)."""
     candidates = np.concatenate([positives[:, None], negatives], axis=1)
     valid = torch.from_numpy(candidates >= 0)
@@ -57,7 +60,7 @@ def evaluate_sampled(scorer: Scorer, users: np.ndarray, positives: np.ndarray,
 
 
 @torch.inference_mode()
-def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=(10,),
+def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS,
                   chunk: int = 1024) -> dict:
     """Rank every candidate item for each user with held-out items.
 
@@ -86,7 +89,7 @@ def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=(10,),
     return {**{k: v / n for k, v in sums.items()}, "users": n}
 
 
-def evaluate(scorer: Scorer, split: Split, which: str = "test", ks=(10,)) -> dict:
+def evaluate(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS) -> dict:
     """Metrics of `scorer` on the split's `which` set, by the split's protocol."""
     check_no_leakage(split, which)
     frame, negatives, _ = _held_out(split, which)

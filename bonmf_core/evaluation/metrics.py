@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from bonmf_core.config import ProtocolConfig
+
+DEFAULT_KS = tuple(ProtocolConfig().ks)   # the configuration's protocol.ks
 
 
 def rank_of_positive(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,7 +32,7 @@ def ndcg_at_k(rank: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros(()))
 
 
-def sampled_metrics(scores: torch.Tensor, ks=(10,), valid: torch.Tensor | None = None) -> dict:
+def sampled_metrics(scores: torch.Tensor, ks=DEFAULT_KS, valid: torch.Tensor | None = None) -> dict:
     """HR@k and NDCG@k for candidate lists whose column 0 is the positive."""
     rank = rank_of_positive(scores, valid)
     out = {}
@@ -52,7 +55,7 @@ def topk_hits(scores: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor
     return torch.gather(truth, 1, top)
 
 
-def full_ranking_metrics(scores: torch.Tensor, truth: torch.Tensor, ks=(10,)) -> dict:
+def full_ranking_metrics(scores: torch.Tensor, truth: torch.Tensor, ks=DEFAULT_KS) -> dict:
     """Recall@k, NDCG@k and HR@k summed over users (divide by user count to average).
 
     Returned as sums so callers can accumulate over user chunks.

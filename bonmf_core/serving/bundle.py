@@ -120,7 +120,8 @@ def _copy_encoders(encoders: EncodersConfig, folder: Path) -> dict:
     from bonmf_core.content.catalog import identity_for
 
     if encoders.source == "basic":
-        return {"source": "basic"}
+        return {"source": "basic", "text_fields": list(encoders.text_fields),
+                "text_separator": encoders.text_separator}
     config = {"source": "pretrained", "text_max_length": encoders.text_max_length,
               "text_fields": list(encoders.text_fields),
               "text_separator": encoders.text_separator, "image_model": encoders.image_model,

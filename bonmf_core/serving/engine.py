@@ -274,8 +274,7 @@ class _ContentEncoders:
 
         row = pd.DataFrame({"title": [item.title], "genres": [item.genres],
                             "overview": [item.text]})
-        if self.config["source"] == "basic":  # Dataset.item_text's composition
-            return " | ".join(p for p in (item.title, item.genres, item.text) if p)
+        # The one composer the catalog's text went through, whichever encoder read it.
         return compose_item_texts(row, self.config["text_fields"],
                                   self.config["text_separator"])[0]
 
