@@ -29,11 +29,15 @@ class CheckThresholds(ChecksConfig):
         try:
             return cls(**dict(values))
         except ValidationError as exc:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: "
-                                       + ("unknown threshold; known thresholds: "
-                                          + ", ".join(cls.model_fields)
-                                          if e["type"] == "extra_forbidden" else e["msg"])
+            raise ValueError("; ".join(_describe(e, cls.model_fields)
                                        for e in exc.errors())) from None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+
+def _describe(error: dict, known) -> str:
+    key = ".".join(map(str, error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return f"unknown threshold {key!r}; known thresholds: {', '.join(known)}"
+    return f"{key}: {error['msg']}"
