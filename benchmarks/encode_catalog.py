@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     cfg = load_config(args.params, args.set, {"data": {"source": args.data}} if args.data else {})
-    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
+    dataset = load_dataset(cfg.data)
     settings = cfg.encoders
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(args.store_url or f"sqlite:///{tmp}/cache.db")

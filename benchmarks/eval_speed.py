@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     cfg = load_config(args.params, args.set, {"data": {"source": args.data}} if args.data else {})
-    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
+    dataset = load_dataset(cfg.data)
     ncf = make_split(dataset, cfg.protocol.model_copy(
         update={"name": "ncf", "ncf_dir": args.ncf_dir or cfg.protocol.ncf_dir}), 0)
     full = make_split(dataset, cfg.protocol.model_copy(update={"name": "full"}), 0)

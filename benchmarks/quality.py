@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     cfg = load_config(args.params, args.set, flags_from(args))
-    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
+    dataset = load_dataset(cfg.data)
     results = run_protocol(dataset, cfg, args.variants)
     print(format_table(results))
     print(f"seconds: {results['seconds']:.1f}")

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.params, args.set,
                       {"train": {"epochs": args.epochs},
                        **({"data": {"source": args.data}} if args.data else {})})
-    dataset = load_dataset(cfg.data.source, cfg.data.demo_seed)
+    dataset = load_dataset(cfg.data)
     split = leave_one_out_split(dataset, seed=0)
     modalities = modalities_of(variant)
     features, _ = basic_content_features(dataset, [m for m in modalities if m != "id"],

@@ -38,17 +38,20 @@ SERVICE = "bentos.service:Recommendations"
 # What the Bento carries of the project: the service and the modules its runtime
 # (bonmf_core.serving.engine) imports — not the bundle builder, the store or training.
 # tests/test_serving.py runs the service from a copy of exactly these files.
-INCLUDE = ["bentos/__init__.py", "bentos/service.py", "bonmf_core/__init__.py",
+INCLUDE = ["bentos/__init__.py", "bentos/service.py", "bentos/inputs.py",
+           "bentos/security.py", "bonmf_core/__init__.py",
            "bonmf_core/atomic.py", "bonmf_core/config.py", "bonmf_core/errors.py",
            "bonmf_core/hashing.py", "bonmf_core/content/__init__.py",
            "bonmf_core/content/encoders.py", "bonmf_core/content/features.py",
            "bonmf_core/content/text.py", "bonmf_core/data/__init__.py",
-           "bonmf_core/data/dataset.py", "bonmf_core/models/__init__.py",
+           "bonmf_core/data/dataset.py", "bonmf_core/data/raw.py", "bonmf_core/data/paths.py",
+           "bonmf_core/models/__init__.py",
            "bonmf_core/models/artifacts.py", "bonmf_core/models/bonmf.py",
            "bonmf_core/serving/__init__.py", "bonmf_core/serving/engine.py"]
 # What the service imports at run time, pinned to the versions installed here.
 RUNTIME_PACKAGES = ["torch", "torchvision", "numpy", "pandas", "safetensors", "pillow",
-                    "PyYAML", "tqdm", "transformers", "timm", "pydantic", "bentoml"]
+                    "PyYAML", "tqdm", "transformers", "timm", "pydantic", "bentoml",
+                    "starlette", "psutil"]
 
 
 def configure_bentoml(state: str | Path | None = None) -> Path:
@@ -71,9 +74,25 @@ def _pinned(names: list[str]) -> list[str]:
     return out
 
 
-def find_model(name: str, artifact_sha256: str, model_version) -> str | None:
+def serving_hash(serving) -> str:
+    """Identifies the `serving` section a bundle records: changing a limit, the key file or
+    the host makes a new BentoML model instead of reusing one with the old section."""
+    import hashlib
+
+    text = json.dumps(serving.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def serve_command(bentoml_home: str, bento_tag: str, host: str) -> str:
+    """The `bentoml serve` line to print: the host always named, so a copied command never
+    falls back to BentoML's own default of every interface."""
+    return f"BENTOML_HOME={bentoml_home} bentoml serve {bento_tag} --host {host}"
+
+
+def find_model(name: str, artifact_sha256: str, model_version,
+               serving_sha: str) -> str | None:
     """The tag of a BentoML model already saved from this artifact (as this registry
-    version), if any."""
+    version, with this `serving` section), if any."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -84,7 +103,8 @@ def find_model(name: str, artifact_sha256: str, model_version) -> str | None:
     for model in models:
         labels = model.info.labels
         if labels.get("artifact_sha256", "") == artifact_sha256[:63] and \
-                labels.get("model_version", "") == str(model_version or ""):
+                labels.get("model_version", "") == str(model_version or "") and \
+                labels.get("serving_sha256", "") == serving_sha:
             return str(model.tag)
     return None
 
@@ -182,9 +202,9 @@ def export_bento(bento_tag: str, out: Path) -> Path:
     return final
 
 
-def _unchanged(out: Path, artifact_sha: str, code: str) -> dict | None:
-    """The previous packaging of this artifact with these sources, if its archive is intact
-    and its Bento and model are still in the store."""
+def _unchanged(out: Path, artifact_sha: str, code: str, serving_sha: str) -> dict | None:
+    """The previous packaging of this artifact with these sources and `serving` section, if
+    its archive is intact and its Bento and model are still in the store."""
     import bentoml
 
     record_path = out / "bento.json"
@@ -193,7 +213,7 @@ def _unchanged(out: Path, artifact_sha: str, code: str) -> dict | None:
     record = json.loads(record_path.read_text())
     archive = Path(record.get("archive", ""))
     if record.get("artifact_sha256") != artifact_sha or record.get("source_hash") != code \
-            or not archive.exists():
+            or record.get("serving_sha256") != serving_sha or not archive.exists():
         return None
     try:
         bentoml.bentos.get(record["bento_tag"])
@@ -225,18 +245,19 @@ def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path,
     name = config.serving.bento_name
     artifact_sha = sha256_tree(model_dir)
     code = source_hash()
+    serving_sha = serving_hash(config.serving)
     if build:
-        previous = _unchanged(out, artifact_sha, code)
+        previous = _unchanged(out, artifact_sha, code, serving_sha)
         if previous is not None:
             return {**previous, "reused": True, "seconds": round(time.perf_counter() - started, 3)}
     info = dict(info or {})
-    model_tag = find_model(name, artifact_sha, info.get("model_version"))
+    model_tag = find_model(name, artifact_sha, info.get("model_version"), serving_sha)
     if model_tag is None:
         dataset = Dataset.load(dataset_dir)
         with tempfile.TemporaryDirectory() as tmp:
             bundle = write_bundle(Path(tmp) / "bundle", model_dir, dataset, config.encoders,
                                   info=info, serving=config.serving)
-            labels = {"artifact_sha256": artifact_sha[:63],
+            labels = {"artifact_sha256": artifact_sha[:63], "serving_sha256": serving_sha,
                       "model_version": str(info.get("model_version") or ""),
                       "variant": str(info.get("variant", "")),
                       "dataset_hash": str(info.get("dataset_hash", dataset.content_hash()))}
@@ -245,6 +266,7 @@ def package(model_dir: str | Path, dataset_dir: str | Path, out: str | Path,
                 "metrics", "protocol", "code_version", "seed") if info.get(k) is not None}
             model_tag = save_bento_model(bundle, name, labels, metadata)
     record = {"model_tag": model_tag, "artifact_sha256": artifact_sha,
+              "serving_sha256": serving_sha,
               "model_version": info.get("model_version"), "bentoml_home":
               os.environ["BENTOML_HOME"]}
     if build:
@@ -314,6 +336,7 @@ def package_cli(args) -> int:
             store.dispose()
     print(json.dumps({k: v for k, v in record.items() if k != "bentoml_home"}, indent=2))
     if "archive" in record:
-        print(f"serve it:  BENTOML_HOME={record['bentoml_home']} bentoml serve "
-              f"{record['bento_tag']}")
+        command = serve_command(record["bentoml_home"], record["bento_tag"],
+                                config.serving.host)
+        print(f"serve it:  {command}")
     return 0

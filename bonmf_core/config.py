@@ -33,12 +33,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ColumnsConfig(Section):
+    """Column names of a generic dataset folder (interactions.csv|parquet, items.…, users.…).
+    A `dataset.yaml` beside the files may rename them too; it travels with the data, so it
+    wins over these."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    rating: str | None = Field("rating", description="null or an absent column = implicit "
+                                                     "feedback")
+    timestamp: str | None = Field("timestamp", description="null or absent = no time order")
+    title: str = "title"
+    genres: str | None = "genres"
+    text: list[str] = Field(default_factory=lambda: ["text"],
+                            description="free-text item columns (absent ones are skipped)")
+    image_path: str | None = Field("image_path", description="relative to the dataset folder")
+    user_attributes: list[str] = Field(default_factory=list,
+                                       description="users-table columns used as attributes; "
+                                                   "empty = every other column")
+
+
 class DataConfig(Section):
-    source: str = Field("demo", description="demo | a MovieLens-1M directory | a saved "
+    source: str = Field("demo", description="demo | a MovieLens-1M directory | a generic "
+                                            "folder (interactions.csv|parquet) | a saved "
                                             "dataset directory")
     demo_seed: int = 0
     demo_users: int = Field(3000, ge=10)
     demo_items: int = Field(1000, ge=10)
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    encoding: str = Field("utf-8", description="text encoding of a generic folder's CSV files "
+                                               "(a leading BOM is accepted)")
+    rating_scale: tuple[float, float] | None = Field(None, description="[low, high] of a generic "
+                                                                       "folder's ratings")
 
 
 class ProtocolConfig(Section):
@@ -187,6 +213,9 @@ class ChecksConfig(Section):
     max_new_item_share: float = Field(0.2, ge=0, le=1)
     max_new_user_share: float = Field(0.2, ge=0, le=1)
     max_volume_change: float = Field(0.5, ge=0)
+    max_malformed_lines: int = Field(0, ge=0, description="lines that do not parse (wrong "
+                                                          "field count, bad encoding) tolerated "
+                                                          "before the parsing check blocks")
     data_docs: bool = Field(False, description="build a GX Data Docs site under the state dir")
 
     @field_validator("rating_scale")
@@ -221,12 +250,39 @@ class RetrainConfig(Section):
 
 
 class ServingConfig(Section):
+    """The service's limits and deployment defaults; recorded in the serving bundle, so a
+    Bento serves with the section it was packaged with."""
+
     bento_name: str = Field("bonmf", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
     max_liked_items: int = Field(1000, ge=1, description="recommend_for_items: ids per "
                                                          "request")
     max_text_chars: int = Field(20000, ge=1, description="score_new_item: title + text")
     max_image_bytes: int = Field(10485760, ge=1, description="score_new_item: image upload")
+    max_image_pixels: int = Field(
+        25_000_000, ge=1,
+        description="score_new_item: an image whose width × height exceeds this is refused "
+                    "(413) from its header, before any pixel is decoded (Pillow's own "
+                    "decompression-bomb limit, ~179 M pixels, refuses the same way)")
+    api_key_file: str | None = Field(
+        None, description="file holding the API key every endpoint but /readyz and /livez "
+                          "then requires (Authorization: Bearer <key>); $BONMF_API_KEY "
+                          "wins over it; null and no $BONMF_API_KEY = no authentication")
+    host: str = Field("127.0.0.1", description="interface the Bento binds unless "
+                                               "`bentoml serve --host` names one; another "
+                                               "than loopback without a key is warned about")
+
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, host: str) -> str:
+        import ipaddress
+
+        try:  # BentoML binds IP addresses only (no host names)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address such as 127.0.0.1, got "
+                             f"{host!r}") from None
+        return host
 
 
 class DvcConfig(Section):
@@ -237,6 +293,15 @@ class DvcConfig(Section):
                                                          "promoted version")
     repo: str | None = Field(None, description="null = the git repo holding the state folder")
     git_commit: bool = Field(True, description="commit the pointer files (promoted/*.dvc)")
+    git_branch: str | None = Field(
+        "bonmf/registry", description="branch the pointer-file commits go to, written with "
+        "git plumbing: your current branch, index and working tree are left alone; it starts "
+        "at the commit checked out at the first promotion. null = commit on the current "
+        "branch (what bonmf did before)")
+    git_tag: str | None = Field(
+        "model@v{version}", pattern=r"\{version\}",
+        description="annotated tag on each version's commit; {version} is the registry id "
+                    "(`bonmf restore --rev model@v3`); null = no tags")
     lock_timeout_s: float = Field(600.0, gt=0, description="wait this long for another DVC "
                                                            "operation")
 

@@ -30,3 +30,13 @@ class LeakageError(ValueError):
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range; the message names
     the file (or the command-line option) and the key path."""
+
+
+class ImageError(ValueError):
+    """Image bytes that cannot be used: empty, not a decodable image, or too large to decode
+    safely (`too_large`: above the pixel limit, or a decompression bomb). The message says
+    which."""
+
+    def __init__(self, message: str, *, too_large: bool = False):
+        self.too_large = too_large
+        super().__init__(message)

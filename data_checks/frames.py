@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from bonmf_core.data.paths import outside_reason
+
 # Catalog columns with a fixed meaning; every other catalog column is a free text field
 # (same rule as bonmf_core.data.dataset.CATALOG_CORE_COLUMNS).
 CATALOG_CORE_COLUMNS = ("item_id", "title", "genres", "image_path")
@@ -22,6 +24,7 @@ CATALOG_CORE_COLUMNS = ("item_id", "title", "genres", "image_path")
 SOURCE_COLUMNS = {"rating_value": "rating", "timestamp_value": "timestamp",
                   "timestamp_is_integer": "timestamp", "item_in_catalog": "item_id",
                   "user_in_users": "user_id", "image_readable": "image_path",
+                  "image_inside": "image_path",
                   "n_interactions": "user_id"}
 
 
@@ -87,8 +90,10 @@ def has_text(items: pd.DataFrame) -> np.ndarray:
     return found
 
 
-def catalog_frame(items: pd.DataFrame) -> pd.DataFrame:
-    """Catalog ids/titles as text, text coverage and image readability as derived columns.
+def catalog_frame(items: pd.DataFrame, image_root=None) -> pd.DataFrame:
+    """Catalog ids/titles as text, text coverage, image containment and readability as
+    derived columns. An image path leading outside `image_root` (the dataset's folder) is
+    never opened: `image_inside` is False and the image counts as unreadable.
 
     The free text columns themselves are left out: overviews are long and the examples of a
     failure only need to say which item lacks text.
@@ -100,8 +105,13 @@ def catalog_frame(items: pd.DataFrame) -> pd.DataFrame:
     frame["has_text"] = has_text(items)
     if declares_images(items):
         paths = as_text(items["image_path"])
-        problems = image_problems(paths.tolist())
+        outside = [outside_reason(p, image_root) for p in paths]
+        problems = image_problems([None if o else p for p, o in zip(paths, outside)])
+        problems = [o or p for o, p in zip(outside, problems)]
         frame["image_path"] = paths.set_axis(frame.index)
+        frame["image_inside"] = pd.Series([None if p is None else o is None
+                                           for p, o in zip(paths, outside)],
+                                          index=frame.index, dtype=object)
         frame["image_readable"] = np.array([p is None for p in problems], dtype=bool)
         frame["image_problem"] = pd.Series(problems, index=frame.index, dtype=object)
     return frame

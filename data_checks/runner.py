@@ -12,7 +12,7 @@ from . import suites
 from .drift import drift_check, snapshot_profile
 from .frames import (SOURCE_COLUMNS, as_text, catalog_frame, interaction_frame,
                      per_user_counts, referential_frame)
-from .results import (ERROR, CheckOutcome, SnapshotValidation, examples_at, failure, jsonable,
+from .results import (ERROR, MAX_EXAMPLES, CheckOutcome, SnapshotValidation, examples_at, failure, jsonable,
                       missing_column)
 from .thresholds import CheckThresholds
 
@@ -22,19 +22,24 @@ _DOCS_SITE = "snapshot_checks"
 _RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
 # Suite (one per validated frame) -> the input table whose rows it checks.
 _INPUT_TABLES = {"interactions": "interactions", "interactions_per_user": "interactions",
-                 "catalog": "items", "referential": "interactions"}
+                 "catalog": "items", "referential": "interactions", "parsing": "files"}
 
 
 def validate_snapshot(interactions: pd.DataFrame, items: pd.DataFrame,
                       users: pd.DataFrame | None = None,
                       thresholds: CheckThresholds | Mapping = CheckThresholds(),
                       previous_profile: dict | None = None,
-                      docs_dir: str | Path | None = None) -> SnapshotValidation:
-    """Run the interactions, catalog, referential (ERROR) and drift (WARN) checks.
+                      docs_dir: str | Path | None = None, *,
+                      parse_problems: Mapping | None = None, origins: Mapping | None = None,
+                      image_root: str | Path | None = None) -> SnapshotValidation:
+    """Run the parsing, interactions, catalog, referential (ERROR) and drift (WARN) checks.
 
     Never raises for bad data: a broken table comes back as failed checks naming what is wrong.
     previous_profile: `snapshot_profile` of the last accepted snapshot (None skips drift).
     docs_dir: when given, a Great Expectations Data Docs site is written there.
+    parse_problems: per file, the lines the reader could not parse (`RawTables.problems`).
+    origins: per table, {"file", "lines"}: each failure's examples then name file and line.
+    image_root: the dataset's own folder; an image path leading outside it blocks.
     """
     started = time.perf_counter()
     if not isinstance(thresholds, CheckThresholds):
@@ -42,10 +47,12 @@ def validate_snapshot(interactions: pd.DataFrame, items: pd.DataFrame,
     context = _gx_context()
     inter = interaction_frame(interactions)
     profile = snapshot_profile(interactions, items, users)
+    locate = _locator(origins or {})
     checks = [
-        _interactions_check(context, inter, thresholds),
-        _catalog_check(context, items, thresholds),
-        _referential_check(context, inter, items, users),
+        _parsing_check(context, parse_problems or {}, thresholds),
+        _interactions_check(context, inter, thresholds, locate),
+        _catalog_check(context, items, thresholds, image_root, locate),
+        _referential_check(context, inter, items, users, locate),
         drift_check(profile, previous_profile, thresholds),
     ]
     docs_index = _build_docs(context, Path(docs_dir)) if docs_dir is not None else None
@@ -63,7 +70,53 @@ def _gx_context():
     return context
 
 
-def _interactions_check(context, inter: pd.DataFrame, thresholds: CheckThresholds) -> CheckOutcome:
+def _locator(origins: Mapping):
+    """A function that adds "file" and "line" to a failure's examples from `origins`."""
+    def locate(failure: dict) -> dict:
+        origin = origins.get(failure["table"])
+        if origin is None:
+            return failure
+        lines = origin["lines"]     # None for Parquet: rows, not lines
+        for example in failure["examples"]:
+            row = example.get("row")
+            if not isinstance(row, int) or row < 0:
+                continue
+            if lines is None:
+                example["file"], example["file_row"] = origin["file"], row + 1
+            elif row < len(lines):
+                example["file"], example["line"] = origin["file"], int(lines[row])
+        return failure
+    return locate
+
+
+def _parsing_check(context, problems: Mapping, thresholds: CheckThresholds) -> CheckOutcome:
+    """Lines the reader could not parse (wrong field count, broken quoting): a row lost
+    silently is worse than a blocked run, so more than `max_malformed_lines` blocks."""
+    import great_expectations.expectations as gxe
+
+    rows = [{"file": file, "line": e["line"], "problem": e["problem"]}
+            for file, found in problems.items() for e in found["examples"]]
+    total = sum(found["malformed_lines"] for found in problems.values())
+    limit = thresholds.max_malformed_lines
+    where = ", ".join(f"{r['file']}:{r['line']} ({r['problem']})" for r in rows[:3])
+    frame = pd.DataFrame({"location": [f"{r['file']}:{r['line']}" for r in rows[:total]] +
+                          [None] * max(0, total - len(rows))})
+    expectation = gxe.ExpectTableRowCountToBeBetween(
+        min_value=0, max_value=limit,
+        description=f"at most {limit} line(s) fail to parse" + (f"; found {total}: {where}"
+                                                                  if total else ""))
+    found, stats = _validate(context, "parsing", frame, [expectation])
+    stats |= {"malformed_lines": total, "files": {f: p["malformed_lines"]
+                                                  for f, p in problems.items()}}
+    if found:
+        found[0]["examples"] = rows[:MAX_EXAMPLES]
+        found[0]["unexpected_count"] = total
+        found[0]["columns"] = []
+    return _outcome("parsing", found, stats)
+
+
+def _interactions_check(context, inter: pd.DataFrame, thresholds: CheckThresholds,
+                        locate) -> CheckOutcome:
     timestamp_max = int(time.time() + thresholds.timestamp_max_slack_days * 86_400)
     failures, stats = _validate(context, "interactions", inter,
                                 suites.interactions_suite(inter, thresholds, timestamp_max))
@@ -74,7 +127,7 @@ def _interactions_check(context, inter: pd.DataFrame, thresholds: CheckThreshold
         failures += more
         stats["min_interactions_per_user"] = int(counts["n_interactions"].min()) if len(counts) else 0
     stats |= _interaction_statistics(inter)
-    return _outcome("interactions", failures, stats)
+    return _outcome("interactions", [locate(f) for f in failures], stats)
 
 
 def _interaction_statistics(inter: pd.DataFrame) -> dict:
@@ -91,9 +144,10 @@ def _interaction_statistics(inter: pd.DataFrame) -> dict:
     return stats
 
 
-def _catalog_check(context, items: pd.DataFrame, thresholds: CheckThresholds) -> CheckOutcome:
+def _catalog_check(context, items: pd.DataFrame, thresholds: CheckThresholds,
+                   image_root, locate) -> CheckOutcome:
     started = time.perf_counter()
-    frame = catalog_frame(items)  # decodes every image: the slow part of the catalog check
+    frame = catalog_frame(items, image_root)  # decodes every image: the slow part
     prepare_seconds = time.perf_counter() - started
     failures, stats = _validate(context, "catalog", frame,
                                 suites.catalog_suite(frame, items, thresholds))
@@ -104,11 +158,11 @@ def _catalog_check(context, items: pd.DataFrame, thresholds: CheckThresholds) ->
                   "image_check_seconds": prepare_seconds}
     else:
         stats["images"] = "the catalog declares no image paths: not checked"
-    return _outcome("catalog", failures, stats)
+    return _outcome("catalog", [locate(f) for f in failures], stats)
 
 
 def _referential_check(context, inter: pd.DataFrame, items: pd.DataFrame,
-                       users: pd.DataFrame | None) -> CheckOutcome:
+                       users: pd.DataFrame | None, locate) -> CheckOutcome:
     failures = [missing_column("interactions", col, "needed to match interactions to the "
                                + ("catalog" if col == "item_id" else "users table"))
                 for col in ("user_id", "item_id") if col not in inter.columns]
@@ -125,7 +179,7 @@ def _referential_check(context, inter: pd.DataFrame, items: pd.DataFrame,
     stats |= _unknown_ids(frame, "item_id", "item_in_catalog")
     if "user_in_users" in frame.columns:
         stats |= _unknown_ids(frame, "user_id", "user_in_users")
-    return _outcome("referential", failures, stats)
+    return _outcome("referential", [locate(f) for f in failures], stats)
 
 
 def _unknown_ids(frame: pd.DataFrame, column: str, known_column: str) -> dict:
@@ -195,10 +249,22 @@ def _exception_message(info) -> str | None:
 def _outcome(name: str, failures: list[dict], stats: dict) -> CheckOutcome:
     if not failures:
         return CheckOutcome(name, ERROR, True, "all expectations met", [], jsonable(stats))
-    parts = [f["description"] + (f" ({f['unexpected_count']} unexpected)" if f["unexpected_count"] else "")
+    parts = [f["description"] + (f" ({f['unexpected_count']} unexpected{_first_at(f)})"
+                                 if f["unexpected_count"] else "")
              for f in failures]
     summary = f"{len(failures)} expectation(s) failed: " + "; ".join(parts)
     return CheckOutcome(name, ERROR, False, summary, failures, jsonable(stats))
+
+
+def _first_at(failure: dict) -> str:
+    """'; first at ratings.dat:17' when the examples know their line ('' for parsing, whose
+    description already lists them)."""
+    for example in failure["examples"]:
+        if "line" in example and "problem" not in example:
+            return f"; first at {example['file']}:{example['line']}"
+        if "file_row" in example:   # Parquet: rows counted from 1, as lines are
+            return f"; first at {example['file']} row {example['file_row']}"
+    return ""
 
 
 def _build_docs(context, docs_dir: Path) -> str:

@@ -91,6 +91,11 @@ def catalog_suite(frame: pd.DataFrame, items: pd.DataFrame, thresholds: CheckThr
         column="has_text", value_set=[True], mostly=thresholds.text_coverage_min,
         description=f"at least {thresholds.text_coverage_min:.0%} of items have text in "
                     f"{', '.join(text_cols)}"))
+    if "image_inside" in frame.columns:
+        suite.append(gxe.ExpectColumnValuesToBeInSet(
+            column="image_inside", value_set=[True],
+            description="every image path stays inside the dataset folder (no absolute "
+                        "paths elsewhere, no '..' escapes, no links that lead out)"))
     if "image_readable" in frame.columns:
         suite.append(gxe.ExpectColumnValuesToBeInSet(
             column="image_readable", value_set=[True], mostly=thresholds.readable_image_min,

@@ -1,7 +1,7 @@
 """Data-quality checks on the raw snapshot (Great Expectations, via `data_checks`).
 
-One validation computes all four checks; each becomes its own asset check result. ERROR checks
-(interactions, catalog, referential) are blocking: when one fails, nothing downstream of the
+One validation computes all five checks; each becomes its own asset check result. ERROR checks
+(parsing, interactions, catalog, referential) are blocking: when one fails, nothing downstream of the
 snapshot runs in that run, so the last accepted data, the registry's models and the production
 model stay as they were. Drift is a WARN check and never blocks.
 """
@@ -17,11 +17,13 @@ from .assets.ingest import dataset_snapshot
 from .resources import ParamsResource, StateResource, StoreResource
 
 ERROR_CHECKS = {
+    "parsing": "every line of every file parses (field count, quoting); at most "
+               "checks.max_malformed_lines may not, and each one is named by file and line",
     "interactions": "schema and types, non-null ids, ratings within the scale, plausible "
                     "timestamps, no duplicate (user, item, time) rows, enough interactions "
                     "per user",
-    "catalog": "unique item ids, non-empty titles, text coverage and readable-image ratio "
-               "above their thresholds",
+    "catalog": "unique item ids, non-empty titles, image paths inside the dataset folder, "
+               "text coverage and readable-image ratio above their thresholds",
     "referential": "every interaction's item is in the catalog and its user in the users table",
 }
 DRIFT = "rating distribution, share of new items/users and volume against the previous " \
@@ -79,12 +81,53 @@ def _check_metadata(outcome, report: dict, previous: dict | None) -> dict:
             lines.append(f"| {f['description']} | {', '.join(f['columns'])} | "
                          f"{f.get('unexpected_count') or ''} | `{example}` |")
         meta["failures"] = dg.MetadataValue.md("\n".join(lines))
+        meta["failures_table"] = failures_table(failures)
+        meta["failing_rows"] = failing_rows(failures)
         meta["failure_details"] = dg.MetadataValue.json(_jsonable(failures))
     if outcome.name == "drift":
         meta["compared_with"] = previous["content_hash"] if previous else "none (first snapshot)"
     if report.get("docs_index"):
         meta["data_docs"] = dg.MetadataValue.path(report["docs_index"])
     return meta
+
+
+def failures_table(failures: list[dict]) -> dg.MetadataValue:
+    """One typed row per failed expectation."""
+    schema = dg.TableSchema([dg.TableColumn("expectation", "string"),
+                             dg.TableColumn("table", "string"),
+                             dg.TableColumn("columns", "string"),
+                             dg.TableColumn("unexpected", "int"),
+                             dg.TableColumn("unexpected_percent", "float"),
+                             dg.TableColumn("description", "string")])
+    rows = [dg.TableRecord({"expectation": f["expectation"], "table": str(f.get("table") or ""),
+                            "columns": ", ".join(f.get("columns") or []),
+                            "unexpected": int(f.get("unexpected_count") or 0),
+                            "unexpected_percent": float(f.get("unexpected_percent") or 0.0),
+                            "description": f["description"]}) for f in failures]
+    return dg.MetadataValue.table(rows, schema=schema)
+
+
+def failing_rows(failures: list[dict]) -> dg.MetadataValue:
+    """The offending rows themselves (up to 5 examples per failed expectation): which
+    expectation, the row's position in its input table and its values."""
+    schema = dg.TableSchema([dg.TableColumn("expectation", "string"),
+                             dg.TableColumn("table", "string"),
+                             dg.TableColumn("row", "int"),
+                             dg.TableColumn("values", "string")])
+    rows = [dg.TableRecord({"expectation": f["expectation"], "table": str(f.get("table") or ""),
+                            "row": _position(e.get("row")),
+                            "values": json.dumps({k: v for k, v in e.items() if k != "row"},
+                                                 default=str)[:500]})
+            for f in failures for e in f.get("examples") or []]
+    return dg.MetadataValue.table(rows, schema=schema)
+
+
+def _position(value) -> int:
+    """A row position as an int (-1 where the check names none, e.g. a whole-table check)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _jsonable(value):

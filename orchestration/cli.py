@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force-promotion", metavar="WHO", default=None,
                      help="promote the candidate whatever the gate says (recorded with WHO)")
     run.add_argument("--out", default=None,
-                     help="also copy the report (metrics.json/.md/.png) and the candidate "
+                     help="also copy the report (report.html/.json, metrics.json/.md/.png) and the candidate "
                           "model here")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     shown = sub.add_parser("params", help="print the resolved configuration (YAML) and where "
@@ -84,9 +84,25 @@ def _parser() -> argparse.ArgumentParser:
                         "(from the DVC remote, verified by hash; nothing changes on failure)")
     which = restore.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", type=int, help="model version id in the registry")
-    which.add_argument("--rev", help="git revision whose promoted/*.dvc to restore")
+    which.add_argument("--rev", help="git revision whose promoted/*.dvc to restore "
+                                     "(a commit, or a version tag such as model@v3)")
     _config_options(restore)
+    _operator_parsers(sub)
     return p
+
+
+def _operator_parsers(sub) -> None:
+    """`bonmf status` and `bonmf serve`: the operator's commands on the state folder."""
+    status = sub.add_parser("status", help="the production model, the last run, the last "
+                                           "data checks and the last gate decision")
+    _config_options(status)
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    serve = sub.add_parser(
+        "serve", help="serve the production model's Bento (bentoml serve) on 127.0.0.1 "
+                      "unless serving.host or --host says otherwise")
+    _config_options(serve)
+    serve.add_argument("--host", default=None, help="interface to bind (default serving.host)")
+    serve.add_argument("--port", type=int, default=3000)
 
 
 def _stage_parser(sub) -> None:
@@ -112,6 +128,9 @@ def _stage_parser(sub) -> None:
         _config_options(parser)
         for option, help_text in options.items():
             parser.add_argument(option, required=True, help=help_text)
+
+
+INPUT_ERRORS = ("DataError", "ConfigError")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,7 +293,65 @@ def _restore(args) -> int:
     return 0
 
 
+def _status(args) -> int:
+    from bonmf_core.settings import state_dir
+    from orchestration import status
+
+    collected = status.collect(build_config(args), state_dir())
+    print(json.dumps(collected, default=str) if args.json else status.render(collected))
+    return 0
+
+
+def _serve(args) -> int:
+    """Replace this process with `bentoml serve` of the production Bento (so signals reach
+    BentoML directly). The environment passes through: BONMF_API_KEY (or
+    serving.api_key_file) turns the service's API-key check on."""
+    import os
+
+    from bonmf_core.settings import state_dir
+    from orchestration import status
+
+    cfg = build_config(args)
+    production = status.collect(cfg, state_dir())["production"]
+    command, env = serve_command(cfg, state_dir(), production, args.host, args.port)
+    auth = ("API key from $BONMF_API_KEY" if os.environ.get("BONMF_API_KEY") else
+            f"API key from {cfg.serving.api_key_file}" if cfg.serving.api_key_file else
+            "none: anyone who can reach the address can call it")
+    print(f"serving model version {production['version']} ({production['variant']}) as "
+          f"{production['bento_tag']} on http://{command[command.index('--host') + 1]}:"
+          f"{args.port}; auth: {auth}", flush=True)
+    os.execve(command[0], command, env)
+
+
+def serve_command(cfg, state: Path, production: dict | None, host: str | None,
+                  port: int) -> tuple[list[str], dict]:
+    """The `bentoml serve` argv and environment for the production Bento, or a ValueError
+    saying what is missing."""
+    import os
+
+    if production is None:
+        raise ValueError(f"no production model in {state}: `bonmf run` trains and promotes one")
+    record_file = Path(state) / "artifacts" / "bento" / "bento.json"
+    if production["bento_tag"] is None:
+        raise ValueError(f"model version {production['version']} is in production but "
+                         f"{record_file} holds no Bento of it: run `bonmf package` (or "
+                         f"`bonmf run`) to build one")
+    record = json.loads(record_file.read_text())
+    bentoml = Path(sys.executable).with_name("bentoml")
+    executable = str(bentoml) if bentoml.exists() else shutil.which("bentoml")
+    if executable is None:
+        raise FileNotFoundError("the bentoml command is not installed beside this Python")
+    env = {**os.environ, "BENTOML_HOME": record["bentoml_home"],
+           "BENTOML_DO_NOT_TRACK": "true"}
+    return [executable, "serve", production["bento_tag"], "--host",
+            host or cfg.serving.host, "--port", str(port)], env
+
+
 def _run(args) -> int:
+    if args.command == "status":
+        return _status(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "package":
         return _package(args)
     if args.command == "stage":
@@ -288,19 +365,24 @@ def _run(args) -> int:
 
     summary = run_pipeline(cfg, force=args.force_promotion is not None,
                            forced_by=args.force_promotion,
-                           log_level="INFO" if args.verbose else "WARNING",
+                           # a failed step's stack trace is Dagster's ERROR record: -v only
+                           log_level="INFO" if args.verbose else "CRITICAL",
                            progress=not args.quiet)
     print()
     print(f"run {summary['run_id']} ({summary['seconds']:.1f} s): "
           f"{'succeeded' if summary['success'] else 'FAILED'}")
+    for run_id in summary.get("dead_runs_marked", []):
+        print(f"  earlier run {run_id} had lost its process: marked failed (run_failures)")
     for name, check in summary.get("checks", {}).items():
         mark = "ok  " if check["passed"] else ("FAIL" if check["severity"] == "ERROR" else "warn")
-        print(f"  check {mark} {name}: {check['description'][:160]}")
+        print(f"  check {mark} {name}: {check['description'][:400]}")
     if not summary["success"]:
         print(f"error: {summary.get('error')}", file=sys.stderr)
         print(f"nothing downstream of the failure ran; the registry and the production model "
               f"are unchanged. Details: {summary['ui']}")
-        return 1
+        # unreadable input (a file, a column, an encoding) is the caller's to fix: 2, as for
+        # bad arguments; a blocking check or a failed step is 1
+        return 2 if summary.get("error_class") in INPUT_ERRORS else 1
     print()
     print(summary["table"])
     decision, candidate = summary["decision"], summary["candidate"]
@@ -318,22 +400,25 @@ def _run(args) -> int:
               + (" (unchanged)" if package.get("reused") else ""))
         if package.get("bento_tag"):
             print(f"serve it:   BENTOML_HOME={package['bentoml_home']} bentoml serve "
-                  f"{package['bento_tag']}")
+                  f"{package['bento_tag']} --host 127.0.0.1")
     versioned = summary.get("versioned") or {}
     if versioned.get("versioned"):
+        where = (f" on branch {versioned['git_branch']}" if versioned.get("git_branch") else "")
+        where += f", tag {versioned['git_tag']}" if versioned.get("git_tag") else ""
         print(f"dvc:        model version {versioned['model_version']} pushed to "
-              f"{versioned['remote']['url']}, pointer files committed at {versioned['git_rev']}"
-              f" (restore: bonmf restore --version {versioned['model_version']})")
+              f"{versioned['remote']['url']}, pointer files committed at "
+              f"{versioned['git_rev']}{where} (restore: bonmf restore --version "
+              f"{versioned['model_version']})")
     elif versioned.get("reason"):
         print(f"dvc:        not versioned — {versioned['reason']}")
-    print(f"report:     {summary['report']['markdown']} (+ metrics.json, metrics.png)")
+    print(f"report:     {summary['report']['html']} (+ report.json, metrics.json/.md/.png)")
     print(f"candidate artifact: {candidate['artifact_path']}")
     print(f"store:      {Path(summary['state_dir']) / 'bonmf.db'}")
     print(f"open the UI: {summary['ui']}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("json", "markdown", "plot"):
+        for name in ("json", "markdown", "plot", "html", "data"):
             shutil.copy2(summary["report"][name], out / Path(summary["report"][name]).name)
         if (out / "model").exists():
             shutil.rmtree(out / "model")

@@ -10,7 +10,7 @@ from .jobs import retrain_job
 from .progress import step_progress_logger
 from .resources import ParamsResource, StateResource, StoreResource
 from .schedules import periodic_retrain
-from .sensors import new_data_sensor, record_run_failures
+from .sensors import mark_dead_runs_sensor, new_data_sensor, record_run_failures
 
 
 def build_definitions(params_path: str | None = None, sets=(), state_root: str = "",
@@ -28,7 +28,7 @@ def build_definitions(params_path: str | None = None, sets=(), state_root: str =
         asset_checks=[snapshot_checks],
         jobs=[retrain_job],
         schedules=[periodic_retrain],
-        sensors=[new_data_sensor, record_run_failures],
+        sensors=[new_data_sensor, record_run_failures, mark_dead_runs_sensor],
         resources={
             "params": ParamsResource(path=params_path, set=list(sets)),
             "state": StateResource(root=state_root),

@@ -11,15 +11,20 @@ import os
 import time
 from pathlib import Path
 
-DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+# Telemetry off; run monitoring on, so the daemon of `dagster dev` fails UI launches stuck in
+# STARTING (runs that did start and then lost their process: `run_health`).
+DAGSTER_YAML = ("telemetry:\n  enabled: false\n"
+                "run_monitoring:\n  enabled: true\n  start_timeout_seconds: 300\n")
+EARLIER_DAGSTER_YAML = "telemetry:\n  enabled: false\n"   # what older versions wrote
 
 
 def prepare_dagster_home(state: Path) -> Path:
-    """`<state>/dagster` with a dagster.yaml that turns telemetry off; exported as DAGSTER_HOME."""
+    """`<state>/dagster` with bonmf's dagster.yaml (a user-edited one is kept); exported as
+    DAGSTER_HOME."""
     home = Path(state) / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
+    if not config.exists() or config.read_text() == EARLIER_DAGSTER_YAML:
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
@@ -88,7 +93,7 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
 
     from .definitions import build_definitions
     from .resources import StoreResource
-    from .sensors import record_failed_run
+    from .run_health import host_tags, mark_dead_runs, record_failed_run
 
     params_path = str(write_run_config(cfg, state))
     store_url = cfg.encoders.store_url
@@ -101,16 +106,19 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
                   "loggers": {"console": {"config": {"log_level": log_level}},
                               **({"progress": {}} if progress else {})}}
     with dg.DagsterInstance.get() as instance:
+        # Runs an earlier, killed `bonmf run` left STARTED are failed now, before this one.
+        dead = mark_dead_runs(instance, StoreResource(url=store_url))
         result = job.execute_in_process(
             run_config=run_config,
             instance=instance, raise_on_error=False,
-            tags={"bonmf/trigger": "cli", **(tags or {})})
+            tags={"bonmf/trigger": "cli", **host_tags(), **(tags or {})})
         seconds = time.perf_counter() - started
         summary: dict = {"success": result.success, "run_id": result.run_id,
                          "seconds": round(seconds, 3),
                          "steps": step_seconds(instance, result.run_id),
                          "state_dir": str(state), "dagster_home": os.environ["DAGSTER_HOME"],
-                         "ui": ui_command(state, params_path)}
+                         "ui": ui_command(state, params_path),
+                         "dead_runs_marked": [r["run_id"] for r in dead]}
         summary["checks"] = {
             e.asset_check_evaluation_data.check_name: {
                 "passed": e.asset_check_evaluation_data.passed,
@@ -123,7 +131,7 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
             failure = next((e for e in result.all_events
                             if e.event_type == dg.DagsterEventType.STEP_FAILURE), None)
             message = _failure_message(failure)
-            summary["error"] = message
+            summary["error"], summary["error_class"] = message, _failure_class(failure)
             record_failed_run(StoreResource(url=store_url), instance.get_run_by_id(result.run_id),
                               message, instance)
             return summary
@@ -143,6 +151,14 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
         decision=decision, package=result.output_for_node("bento_package"),
         versioned=result.output_for_node("versioned_artifacts"))
     return summary
+
+
+def _failure_class(event) -> str | None:
+    """The class name of the innermost error ('DataError' for unreadable input)."""
+    error = getattr(getattr(event, "step_failure_data", None), "error", None)
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return None if error is None else error.cls_name
 
 
 def _failure_message(event) -> str:

@@ -55,6 +55,11 @@ def test_packaging_is_recorded_and_skipped_when_unchanged(packaged):
     # Offline build: nothing was locked against an index; the pins are the installed ones.
     requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
     assert "torch==" in requirements and "bentoml==" in requirements
+    # Its own configuration binds loopback (serving.host), whatever `bentoml serve` says.
+    import yaml
+
+    info = yaml.safe_load((Path(bento.path) / "bento.yaml").read_text())
+    assert info["services"][0]["config"]["http"]["host"] == "127.0.0.1"
     # Only what serving needs: no store (SQLAlchemy), no bundle builder, no training.
     assert "sqlalchemy" not in requirements.lower()
     src = Path(bento.path) / "src"
@@ -77,9 +82,12 @@ def server(packaged, tmp_path_factory):
                    capture_output=True, timeout=120)
     with BentoServer(first["bento_tag"], env={"BENTOML_HOME": str(home),
                                               "OMP_NUM_THREADS": "1"}) as srv:
-        srv.model_tag = first["model_tag"]
+        srv.model_tag, srv.bento_tag = first["model_tag"], first["bento_tag"]
+        tree = srv.processes()
+        assert len(tree) >= 2  # `bentoml serve` and its worker
         yield srv
-    assert srv.proc.poll() is not None  # stopped by its own process group
+    # Stopped as a whole tree: the worker (in a session of its own) included.
+    assert srv.proc.poll() is not None and not [p for p in tree if p.is_running()]
 
 
 def _post(server, route: str, body=None, data: bytes | None = None, headers=None):
@@ -115,7 +123,7 @@ def test_served_recommendations_exclude_seen_and_flag_the_fallback(server, small
     assert status == 200 and answer["fallback"] == "popularity" and len(answer["items"]) == 10
     status, meta = _post(server, "/metadata", {})
     assert status == 200 and meta["model_version"] == 11
-    assert meta["bento_model_tag"] == server.model_tag
+    assert meta["bento_model_tag"] == server.model_tag and meta["bento_tag"] == server.bento_tag
     assert meta["protocol"]["name"] == "ncf" and meta["dataset"]["content_hash"]
 
 

@@ -33,6 +33,13 @@ def test_main_command_runs_the_graph_on_the_demo_default(tmp_path):
     assert "dagster dev -m orchestration.definitions" in proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["decision"] == "promote" and summary["candidate"] == "id"
+    # The run names its HTML report (self-contained, the gate's decision in it); --out has it.
+    page = Path(next(line for line in proc.stdout.splitlines()
+                     if line.startswith("report:")).split()[1])
+    assert page.name == "report.html" and page.parent.parent == state / "reports"
+    assert "Promotion gate: PROMOTE" in page.read_text()
+    assert (out / "report.html").read_bytes() == page.read_bytes()
+    assert json.loads((out / "report.json").read_text())["gate"]["decision"] == "promote"
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"] == "ncf" and metrics["seeds"] == [0] and metrics["ks"] == [10]
@@ -59,7 +66,7 @@ def test_bad_snapshot_fails_its_checks_with_status_1(tmp_path):
 def test_bad_data_path_is_a_clear_error(tmp_path):
     proc = _bonmf("run", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
-    assert "nope" in proc.stderr and "not a dataset" in proc.stderr
+    assert "nope" in proc.stderr and "data folder not found" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
 

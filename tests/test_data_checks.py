@@ -86,9 +86,10 @@ def _rows(failure: dict) -> list:
 
 def test_clean_snapshot_passes_every_check(clean_result):
     assert clean_result.passed and clean_result.blocking == []
-    assert [c.name for c in clean_result.checks] == ["interactions", "catalog", "referential", "drift"]
+    assert [c.name for c in clean_result.checks] == ["parsing", "interactions", "catalog",
+                                                     "referential", "drift"]
     assert all(c.passed and not c.failures for c in clean_result.checks)
-    assert [c.severity for c in clean_result.checks] == ["ERROR", "ERROR", "ERROR", "WARN"]
+    assert [c.severity for c in clean_result.checks] == ["ERROR"] * 4 + ["WARN"]
     # the PNG named .jpg counts as readable
     assert clean_result.check("catalog").statistics["readable_image_share"] == 1.0
     assert clean_result.check("drift").statistics == {"evaluated": False}
@@ -340,5 +341,5 @@ def test_data_docs_site_is_built(snapshot, tmp_path):
     # validations/<suite>/<run name>/<run time>/<batch>.html, one per validated frame
     pages = {p.relative_to(tmp_path / "docs" / "validations").parts[0]
              for p in (tmp_path / "docs" / "validations").rglob("*.html")}
-    assert pages == {"interactions", "interactions_per_user", "catalog", "referential"}
+    assert pages == {"parsing", "interactions", "interactions_per_user", "catalog", "referential"}
     assert "rating" in (tmp_path / "docs" / "expectations" / "interactions.html").read_text()

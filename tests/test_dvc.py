@@ -124,6 +124,17 @@ def test_repro_runs_every_stage_and_a_second_repro_does_nothing(reproduced):
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     metrics = shown[""]["data"]["reports/summary.json"]["data"]
     assert metrics["candidate"]["ndcg@10"] == pytest.approx(candidate["ndcg@10"])
+    # `dvc plots show` draws the report's curves: the same epochs, the same picture.
+    report = json.loads((root / "reports" / "report.json").read_text())
+    assert list(report["curves"].values()) == [curve]
+    assert "<h2>Training curves</h2>" in (root / "reports" / "report.html").read_text()
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
+    assert {"reports/metrics.png", "reports/training_curves.png"} <= set(plots)
+    for name, field in (("validation metric by epoch", "valid"), ("training loss by epoch",
+                                                                  "loss")):
+        drawn = plots[name][0]["content"]["data"]["values"]
+        assert [v["epoch"] for v in drawn] == [r["epoch"] for r in curve]
+        assert [v[field] for v in drawn] == pytest.approx([r[field] for r in curve])
 
     before = (root / "dvc.lock").read_text()
     mtimes = {p: p.stat().st_mtime_ns for p in (root / "artifacts").rglob("*") if p.is_file()}
@@ -213,7 +224,7 @@ def _models(state: Path) -> list[dict]:
         store.dispose()
 
 
-def test_each_promotion_is_pushed_committed_and_recorded(promoted_twice):
+def test_each_promotion_is_pushed_committed_and_recorded(promoted_twice, monkeypatch):
     root, state, runs = promoted_twice
     v1, v2 = _models(state)
     assert v2["stage"] == "production" and v1["stage"] == "archived"
@@ -228,13 +239,23 @@ def test_each_promotion_is_pushed_committed_and_recorded(promoted_twice):
     assert v1["dvc"]["git_rev"] != v2["dvc"]["git_rev"]
     assert v1["dvc"]["dataset"]["md5"] == v2["dvc"]["dataset"]["md5"]  # same data, one object
     assert v1["dvc"]["model"]["md5"] != v2["dvc"]["model"]["md5"]
-    log = git(root, "log", "--format=%s")
+    # The commits went to the registry branch, one tag per version; the branch checked out
+    # (main, holding no pointer files) did not move.
+    assert git(root, "log", "--format=%s", "-1").strip() == "project"
+    log = git(root, "log", "--format=%s", "bonmf/registry")
     assert "bonmf: model version 1" in log and "bonmf: model version 2" in log
-    assert git(root, "status", "--porcelain", "--", "promoted").strip() == ""
+    for version in (v1, v2):
+        assert version["dvc"]["git_branch"] == "bonmf/registry"
+        assert version["dvc"]["git_tag"] == f"model@v{version['id']}"
+        assert git(root, "rev-parse", f"model@v{version['id']}^{{commit}}").strip() == \
+            version["dvc"]["git_rev"]
+    assert git(root, "rev-parse", "bonmf/registry").strip() == v2["dvc"]["git_rev"]
+    assert _committed_pointers(root, "bonmf/registry") == _workspace_pointers(root)
     # The workspace copy is the production model; the dataset is complete (pictures inside).
     assert tree_digest(root / "promoted" / "model")["model/model.safetensors"] == \
         tree_digest(state / "production" / "model")["model/model.safetensors"]
     from bonmf_core.data.dataset import Dataset
+    monkeypatch.chdir(root)   # image paths are relative to the workspace, images hashed by bytes
     dataset = Dataset.load(root / "promoted" / "dataset")
     assert dataset.content_hash() == v2["dataset_hash"]
     assert all((root / p).is_file() for p in dataset.items["image_path"])
@@ -272,7 +293,11 @@ def test_restore_an_older_version_by_id_and_by_revision(promoted_twice):
         "model_version"] == 2
     assert v2_digest["model/model.safetensors"] == \
         tree_digest(state / "production" / "model")["model/model.safetensors"]
-    assert git(root, "status", "--porcelain", "--", "promoted").strip() == ""
+    assert _workspace_pointers(root) == _committed_pointers(root, v2["dvc"]["git_rev"])
+    # A version tag is a revision too.
+    done = bonmf(root, "restore", "--rev", "model@v1")
+    assert done.returncode == 0, done.stderr
+    assert _workspace_pointers(root) == _committed_pointers(root, "model@v1")
 
     unknown = bonmf(root, "restore", "--rev", "no-such-rev")
     assert unknown.returncode == 1 and "no-such-rev" in unknown.stderr
@@ -335,6 +360,14 @@ def test_corrupted_cache_object_is_detected_and_changes_nothing(promoted_twice):
     assert tree_digest(root / "promoted") == before
 
 
+def _workspace_pointers(root: Path) -> dict[str, str]:
+    return {n: (root / "promoted" / f"{n}.dvc").read_text() for n in ("dataset", "model")}
+
+
+def _committed_pointers(root: Path, rev: str) -> dict[str, str]:
+    return {n: git(root, "show", f"{rev}:promoted/{n}.dvc") for n in ("dataset", "model")}
+
+
 def _object(store_root: Path, md5: str) -> Path:
     digest = md5.removesuffix(".dir")
     return Path(store_root) / "files" / "md5" / digest[:2] / (digest[2:] + (
@@ -357,3 +390,73 @@ def test_promotion_commit_works_without_a_git_identity(tmp_path, monkeypatch):
     log = git(repo, "log", "--format=%an <%ae>|%s", "-1").strip()
     assert log == "bonmf <bonmf@localhost>|bonmf: model version 1 promoted" and len(rev) == 40
     assert git(repo, "diff", "--cached", "--name-only").split() == ["unrelated.txt"]
+
+
+def _git_repo(path: Path) -> Path:
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    (path / "code.py").write_text("print('work')\n")
+    git(path, "add", "code.py")
+    git(path, "-c", "user.name=you", "-c", "user.email=you@example.invalid", "commit", "-q",
+        "-m", "work")
+    return path
+
+
+def test_registry_branch_and_tags_leave_the_checkout_alone(tmp_path, monkeypatch):
+    """Default: commits to `bonmf/registry` through a private index, an annotated tag per
+    version; HEAD, the index and the working tree (staged and unstaged changes) stay as they
+    were. Also without a git identity."""
+    from bonmf_core.config import DvcConfig
+    from bonmf_core.ops.versioning import record_in_git
+
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-global-config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = _git_repo(tmp_path / "repo")
+    (repo / "code.py").write_text("print('unstaged edit')\n")
+    (repo / "staged.txt").write_text("staged\n")
+    git(repo, "add", "staged.txt")
+    head, index = git(repo, "rev-parse", "HEAD").strip(), git(repo, "write-tree").strip()
+    status = git(repo, "status", "--porcelain")
+    settings = DvcConfig()
+    assert (settings.git_branch, settings.git_tag) == ("bonmf/registry", "model@v{version}")
+
+    revs = []
+    for version, content in ((1, "outs: [v1]\n"), (2, "outs: [v2]\n"), (3, "outs: [v2]\n")):
+        (repo / "model.dvc").write_text(content)
+        got = record_in_git(repo, settings, ["model.dvc"], f"bonmf: model version {version}",
+                            version)
+        assert got["git_branch"] == "bonmf/registry" and got["git_tag"] == f"model@v{version}"
+        revs.append(got["git_rev"])
+        assert git(repo, "rev-parse", "bonmf/registry").strip() == got["git_rev"]
+        assert git(repo, "show", f"model@v{version}:model.dvc") == content
+        assert git(repo, "cat-file", "-t", f"model@v{version}").strip() == "tag"
+    assert revs[2] == revs[1]            # nothing changed: no empty commit, the tag added
+    assert git(repo, "rev-parse", f"{revs[0]}^").strip() == head   # starts at your commit
+    assert git(repo, "rev-parse", f"{revs[1]}^").strip() == revs[0]
+    assert git(repo, "log", "-1", "--format=%an", "bonmf/registry").strip() == "bonmf"
+    assert sorted(git(repo, "ls-tree", "--name-only", "bonmf/registry").split()) == \
+        ["code.py", "model.dvc"]         # your committed tree + the pointer, not your edits
+    assert git(repo, "show", "bonmf/registry:code.py") == "print('work')\n"
+    assert git(repo, "rev-parse", "HEAD").strip() == head
+    assert git(repo, "symbolic-ref", "--short", "HEAD").strip() == "main"
+    assert git(repo, "write-tree").strip() == index
+    assert [l for l in git(repo, "status", "--porcelain").splitlines()
+            if l != "?? model.dvc"] == status.splitlines()
+
+
+def test_registry_branch_null_commits_on_the_current_branch(tmp_path):
+    """`dvc.git_branch: null, dvc.git_tag: null`: what bonmf did before."""
+    from bonmf_core.config import DvcConfig
+    from bonmf_core.ops.versioning import record_in_git
+
+    repo = _git_repo(tmp_path / "repo")
+    git(repo, "config", "user.email", "tests@bonmf.invalid")
+    git(repo, "config", "user.name", "bonmf tests")
+    (repo / "model.dvc").write_text("outs: []\n")
+    got = record_in_git(repo, DvcConfig(git_branch=None, git_tag=None), ["model.dvc"],
+                        "bonmf: model version 1 promoted", 1)
+    assert got == {"git_rev": git(repo, "rev-parse", "HEAD").strip(), "git_branch": "main",
+                   "git_tag": None}
+    assert git(repo, "log", "-1", "--format=%s").strip() == "bonmf: model version 1 promoted"
+    assert git(repo, "status", "--porcelain").strip() == ""
+    assert git(repo, "tag").strip() == "" and "bonmf/registry" not in git(repo, "branch")

@@ -70,16 +70,19 @@ def test_definitions_load_with_the_whole_graph():
         dg.AssetKey("promotion_decision")}
     from orchestration.checks import snapshot_checks
 
-    assert {k.name for k in graph.asset_check_keys} == {"interactions", "catalog",
+    assert {k.name for k in graph.asset_check_keys} == {"parsing", "interactions", "catalog",
                                                         "referential", "drift"}
     checks = {c.name: c for c in snapshot_checks.check_specs}
-    assert set(checks) == {"interactions", "catalog", "referential", "drift"}
-    assert all(checks[n].blocking for n in ("interactions", "catalog", "referential"))
+    assert set(checks) == {"parsing", "interactions", "catalog", "referential", "drift"}
+    assert all(checks[n].blocking for n in ("parsing", "interactions", "catalog",
+                                            "referential"))
     assert not checks["drift"].blocking
     assert graph.get(dg.AssetKey("validated_dataset")).parent_keys == {dg.AssetKey("dataset_snapshot")}
     assert defs.resolve_job_def("retrain") is not None
     assert defs.resolve_schedule_def("periodic_retrain").cron_schedule == "0 3 * * 1"
-    assert {s.name for s in defs.sensors} == {"new_data_sensor", "record_run_failures"}
+    sensors = {s.name: s for s in defs.sensors}
+    assert set(sensors) == {"new_data_sensor", "record_run_failures", "mark_dead_runs"}
+    assert sensors["mark_dead_runs"].default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_whole_graph_on_the_demo_ends_with_a_promoted_model(first_run, state):
@@ -94,9 +97,13 @@ def test_whole_graph_on_the_demo_ends_with_a_promoted_model(first_run, state):
     assert decision["decision"] == "promote", decision["reason"]
     production = Path(decision["production_path"])
     assert (production / "model.safetensors").exists() and (production / "registry.json").exists()
-    for name in ("json", "markdown", "plot"):
+    for name in ("json", "markdown", "plot", "html", "data", "curves_plot"):
         assert Path(s["report"][name]).exists()
-    assert (Path(state) / "dagster" / "dagster.yaml").read_text().strip().endswith("false")
+    assert "Promotion gate: PROMOTE" in Path(s["report"]["html"]).read_text()
+    instance_config = yaml.safe_load((Path(state) / "dagster" / "dagster.yaml").read_text())
+    assert instance_config["telemetry"] == {"enabled": False}
+    assert instance_config["run_monitoring"]["enabled"] is True
+    assert s["dead_runs_marked"] == []
     store = _store(state)
     try:
         snap = registry.get_snapshot(store, s["snapshot"])
@@ -199,6 +206,13 @@ def test_corrupted_snapshot_is_blocked_and_changes_nothing(first_run, state, tmp
         evaluation = list(record.values())[0].event.dagster_event.event_specific_data
         meta = evaluation.metadata
         assert meta["unexpected_rows"].value >= 1 and "rating" in meta["failures"].value
+        # ... and as typed tables: one row per failed expectation, one per offending row.
+        assert isinstance(meta["failures_table"], dg.TableMetadataValue)
+        assert all(r.data["unexpected"] >= 1 for r in meta["failures_table"].records)
+        rows = meta["failing_rows"]
+        assert isinstance(rows, dg.TableMetadataValue)
+        assert any(str(__import__("json").loads(r.data["values"]).get("rating")) in ("9", "9.0")
+                   for r in rows.records)
 
         # The run-failure sensor records the same run (into another store here, to see it do so).
         from orchestration.resources import StoreResource
@@ -265,3 +279,101 @@ def test_new_data_sensor_requests_once_per_content(tmp_path):
     with dg.build_sensor_context(cursor=key, resources=resources) as context:
         third = new_data_sensor.evaluate_tick(context)
     assert len(third.run_requests) == 1 and third.run_requests[0].run_key != key
+
+
+# -- dead runs: a process killed with SIGKILL leaves its run STARTED ----------------------------
+
+DOOMED_JOB = """
+import time, dagster as dg
+
+@dg.op
+def wait_forever():
+    time.sleep(600)
+
+@dg.job(name="doomed")
+def doomed():
+    wait_forever()
+
+with dg.DagsterInstance.get() as instance:
+    doomed.execute_in_process(instance=instance, tags=%r)
+"""
+
+
+def start_doomed_run(dagster_home: Path, tags: dict | None = None, timeout: float = 120):
+    """A Dagster run executing in another process, stuck in its one step → (process, run_id)
+    once the run is STARTED and its engine event has logged the process's pid."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from orchestration.run_health import run_pid
+
+    dagster_home = Path(dagster_home)
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        known = {r.dagster_run.run_id for r in instance.get_run_records()}
+    process = subprocess.Popen([sys.executable, "-c", DOOMED_JOB % (tags or {})],
+                               env={**os.environ, "DAGSTER_HOME": str(dagster_home)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the doomed run's process ended by itself"
+        with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+            new = [r.dagster_run for r in instance.get_run_records()
+                   if r.dagster_run.run_id not in known]
+            if new and new[0].status == dg.DagsterRunStatus.STARTED and \
+                    run_pid(instance, new[0].run_id) == process.pid:
+                return process, new[0].run_id
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"no STARTED run after {timeout} s")
+
+
+def test_dead_runs_are_marked_failed_and_recorded_by_the_sensor(tmp_path):
+    from orchestration.resources import StoreResource
+    from orchestration.run_health import HOST_TAG
+    from orchestration.sensors import mark_dead_runs_sensor
+
+    home = tmp_path / "dagster"
+    processes = []
+    try:
+        dead, dead_id = start_doomed_run(home)
+        alive, alive_id = start_doomed_run(home)
+        elsewhere, elsewhere_id = start_doomed_run(home, {HOST_TAG: "another-machine"})
+        processes += [dead, alive, elsewhere]
+        for process in (dead, elsewhere):
+            process.kill()          # SIGKILL: no failure event, no finally
+            process.wait(timeout=30)
+        url = f"sqlite:///{tmp_path / 'bonmf.db'}"
+        resources = {"store": StoreResource(url=url)}
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                first = mark_dead_runs_sensor.evaluate_tick(context)
+            assert first.run_requests == [] and dead_id in first.skip_message
+            status = {i: instance.get_run_by_id(i).status for i in (dead_id, alive_id,
+                                                                      elsewhere_id)}
+            assert status == {dead_id: dg.DagsterRunStatus.FAILURE,
+                              alive_id: dg.DagsterRunStatus.STARTED,       # still running
+                              elsewhere_id: dg.DagsterRunStatus.STARTED}   # not ours to judge
+            failure = instance.get_records_for_run(
+                dead_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+            assert len(failure) == 1 and f"pid {dead.pid}" in failure[0].event_log_entry.message
+            with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                second = mark_dead_runs_sensor.evaluate_tick(context)
+            assert "no run in progress has lost its process" in second.skip_message
+        store = Store(url)
+        try:
+            rows = registry.list_run_failures(store)
+        finally:
+            store.dispose()
+        assert [(r["run_id"], r["job_name"]) for r in rows] == [(dead_id, "doomed")]
+        assert f"(pid {dead.pid}) is gone" in rows[0]["message"]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bonmf_core.ops import registry
-from bonmf_core.config import ConfigError, PromotionConfig, load_config
+from bonmf_core.config import ConfigError, DataConfig, PromotionConfig, load_config
 from bonmf_core.ops.promotion import decide
 from bonmf_core.data.snapshot import (dataset_from_raw, load_snapshot, raw_tables_from_dataset,
                                  read_raw_movielens, save_snapshot, source_fingerprint)
@@ -226,7 +226,9 @@ def test_lenient_movielens_keeps_bad_values_for_the_checks(tmp_path):
     raw = read_raw_movielens(folder)
     assert raw.interactions["rating"].tolist() == ["5", "x", "9"]  # text: not every value parses
     assert "99" in set(raw.interactions["item_id"])
-    assert raw.problems == {"ratings.dat": {"skipped_lines": 1}}
+    assert raw.problems == {"ratings.dat": {"malformed_lines": 1, "examples": [
+        {"line": 4, "problem": "expected 4 '::'-separated fields, found 3: '3::1::4'"}]}}
+    assert raw.origins["interactions"]["lines"].tolist() == [1, 2, 3]
 
 
 def test_demo_roundtrip_and_snapshot_storage(tmp_path, small_demo):
@@ -243,9 +245,10 @@ def test_demo_roundtrip_and_snapshot_storage(tmp_path, small_demo):
 
 def test_source_fingerprint_follows_the_data(tmp_path):
     folder = write_movielens(tmp_path / "ml")
-    first = source_fingerprint(folder)
-    assert source_fingerprint(folder) == first
+    first = source_fingerprint(DataConfig(source=str(folder)))
+    assert source_fingerprint(DataConfig(source=str(folder))) == first
     with open(folder / "ratings.dat", "a") as f:
         f.write("6::8::4::978399999\n")
-    assert source_fingerprint(folder) != first
-    assert source_fingerprint("demo", 0, 10, 20) != source_fingerprint("demo", 1, 10, 20)
+    assert source_fingerprint(DataConfig(source=str(folder))) != first
+    assert (source_fingerprint(DataConfig(demo_seed=0, demo_users=10, demo_items=20))
+            != source_fingerprint(DataConfig(demo_seed=1, demo_users=10, demo_items=20)))

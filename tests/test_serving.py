@@ -205,6 +205,25 @@ def test_bad_requests_name_the_field(content_engine):
         e.score_new_item(NewItem(title="x"), k_users=0)
 
 
+def test_unusable_images_are_refused_with_the_reason_and_status(content_engine):
+    """Empty and undecodable → 400, over the pixel limit or a decompression bomb → 413,
+    each before the encoders decode a pixel; never another exception type."""
+    from bonmf_core.serving.engine import PayloadTooLargeError
+    from test_service_security import png_header, real_png
+
+    cases = [(b"", 400, "image: the file is empty"),
+             (real_png(64)[:90], 400, "image: not a decodable image"),
+             (png_header(6000, 5000), 413, "image: 6000×5000 = 30000000 pixels"),
+             (png_header(20000, 20000), 413, "image: refused as a decompression bomb")]
+    for data, status, says in cases:
+        with pytest.raises(RequestError, match=says) as err:
+            content_engine.score_new_item(NewItem(title="x", image=data))
+        assert err.value.status == status
+        assert isinstance(err.value, PayloadTooLargeError) == (status == 413)
+    answer = content_engine.score_new_item(NewItem(title="x", image=real_png()))
+    assert answer["modalities"] == ["image", "text"]
+
+
 def test_metadata_carries_version_metrics_protocol_and_encoders(content_engine, small_demo):
     meta = content_engine.metadata()
     assert meta["model_version"] == 3 and meta["metrics"] == {"ndcg@10": 0.5}
@@ -212,6 +231,7 @@ def test_metadata_carries_version_metrics_protocol_and_encoders(content_engine, 
     assert meta["dataset"]["content_hash"] == small_demo.content_hash()
     assert meta["encoders"]["source"] == "basic" and meta["items"] == small_demo.n_items
     assert meta["limits"]["max_k"] == 1000 and len(meta["model_artifact_sha256"]) == 64
+    assert meta["limits"]["max_image_pixels"] == 25_000_000
 
 
 def test_bundle_refuses_a_model_from_other_data(small_demo, content_engine, tmp_path):

@@ -10,6 +10,7 @@ Heavy imports (transformers 3 s, timm 2.6 s) happen inside the classes, not at m
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from bonmf_core.hashing import sha256_files
 from bonmf_core.config import EncodersConfig
+from bonmf_core.errors import ImageError
 
 _ENC = EncodersConfig()   # option defaults are the configuration's
 
@@ -164,8 +166,42 @@ def text_identity(name: str, weights_hash: str, max_length: int, precision: str)
             "preprocessing_version": PREPROCESSING_VERSION}
 
 
+def open_image(source: bytes | str | os.PathLike, max_pixels: int | None = None):
+    """Decode an image (bytes or a file, by content, not extension) → an RGB PIL image, or
+    `ImageError` saying why not: empty, not decodable, or too large (`too_large`).
+
+    The pixel count is checked from the header, before any pixel is decoded, against
+    `max_pixels` and against Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`
+    × 2, which Pillow raises as its own error type: not an OSError)."""
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not source:
+            raise ImageError("the file is empty")
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as img:
+            pixels = img.width * img.height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageError(f"{img.width}×{img.height} = {pixels} pixels, the limit is "
+                                 f"{max_pixels}", too_large=True)
+            return img.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"refused as a decompression bomb ({exc})", too_large=True) from None
+    except FileNotFoundError:
+        raise ImageError(f"no such file: {source}") from None
+    except Exception as exc:  # noqa: BLE001 — untrusted bytes: Pillow's plugins raise
+        # OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError... on
+        # malformed input; for a caller each means the same: not a usable image.
+        raise ImageError(f"not a decodable image (PNG, JPEG, WebP, ...): "
+                         f"{type(exc).__name__}") from None
+
+
 class _ImageFiles(torch.utils.data.Dataset):
-    """Opens each image by content (not extension); a missing/corrupt one yields a flag."""
+    """Opens each image by content (not extension); a missing, corrupt or oversized one
+    yields a flag."""
 
     def __init__(self, paths, transform):
         self.paths, self.transform = list(paths), transform
@@ -174,15 +210,12 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image, UnidentifiedImageError
-
         path = self.paths[i]
+        if not isinstance(path, str) or not path:
+            return None, False
         try:
-            if not isinstance(path, str) or not path:
-                raise FileNotFoundError(path)
-            with Image.open(path) as img:
-                return self.transform(img.convert("RGB")), True
-        except (OSError, UnidentifiedImageError, ValueError):
+            return self.transform(open_image(path)), True
+        except (ImageError, OSError, ValueError):
             return None, False
 
 

@@ -47,15 +47,16 @@ def tiny_image_features(paths: list[str | None], size: int = 8) -> tuple[np.ndar
     out = np.zeros((len(paths), dim), np.float32)
     present = np.zeros(len(paths), bool)
     for row, path in enumerate(paths):
-        if not path:
+        if not isinstance(path, str) or not path:   # None, or NaN from a parquet round trip
             continue
         try:
             with Image.open(path) as img:
+                img.draft("RGB", (4 * size, 4 * size))   # JPEGs decode small: cheaper
                 img = img.convert("RGB")
                 rgb = np.asarray(img, np.float32) / 255.0
                 thumb = np.asarray(img.resize((size, size), Image.BILINEAR), np.float32) / 255.0
-        except (OSError, UnidentifiedImageError, ValueError):
-            continue
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            continue   # a bomb counts as unreadable, as in the data checks
         stats = np.concatenate([rgb.reshape(-1, 3).mean(0), rgb.reshape(-1, 3).std(0)])
         out[row] = np.concatenate([thumb.ravel(), stats])
         present[row] = True

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bonmf_core.atomic import atomic_dir
+from bonmf_core.data.raw import image_identity
 from bonmf_core.errors import DataError
 
 FORMAT_VERSION = 1
@@ -94,9 +95,9 @@ class Dataset:
         """A hash of interactions and catalog: equal data, equal hash, across runs."""
         h = hashlib.sha256()
         h.update(pd.util.hash_pandas_object(self.interactions, index=False).to_numpy().tobytes())
-        # Image files are identified by name, not by where the folder happens to live.
-        items = self.items.assign(image_path=self.items["image_path"].map(
-            lambda p: Path(p).name if isinstance(p, str) else ""))
+        # Images are identified by name and bytes, not by where the folder happens to live:
+        # an edited poster is a new dataset, so the fits that used the old one are not reused.
+        items = self.items.assign(image_path=self.items["image_path"].map(image_identity))
         h.update(pd.util.hash_pandas_object(items.astype(str), index=False).to_numpy().tobytes())
         if self.users is not None:
             h.update(pd.util.hash_pandas_object(self.users.astype(str), index=False).to_numpy().tobytes())

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bonmf_core.data.dataset import Dataset, index_ids
+from bonmf_core.data.textfiles import decode_text, guess_encoding
 from bonmf_core.errors import DataError
 
 # '::' is two bytes, which pandas only splits with its slow python engine; swapping it for one
@@ -77,13 +78,6 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"cannot read file: {e}", path=path) from None
 
 
-def _decode(data: bytes, path: Path, encoding: str) -> str:
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"bytes {data[e.start:e.end]!r} are not valid {encoding} "
-                        f"(save the file as {encoding})", path=path, line=line) from None
 
 
 # -- shared column checks ------------------------------------------------------------------
@@ -167,12 +161,11 @@ def _read_dat(path: Path, fields: tuple[str, ...], str_fields: tuple[str, ...] =
         raise DataError("file is empty", path=path)
     data = data.replace(_DAT_SEP, _ONE_BYTE_SEP)
     _check_field_counts(data, path, fields)
-    # GroupLens ships ISO-8859-1; a copy re-saved as UTF-8 would otherwise decode to 'CafÃ©'.
-    try:
-        data.decode("utf-8")
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        encoding = "iso-8859-1"
+    # GroupLens ships ISO-8859-1; a copy re-saved as UTF-8 would otherwise decode to 'CafÃ©',
+    # and a file mixing both is refused with the offending byte's offset.
+    encoding = guess_encoding(data)
+    if encoding == "utf-8":
+        decode_text(data, path, "utf-8")
     frame = pd.read_csv(io.BytesIO(data), sep=_ONE_BYTE_SEP.decode(), header=None,
                         names=list(fields), dtype={f: str for f in str_fields},
                         quoting=csv.QUOTE_NONE, na_filter=False, encoding=encoding,
@@ -328,7 +321,7 @@ def _read_table(path: Path, encoding: str) -> _Table:
 
 
 def _read_csv(path: Path, encoding: str, tsv: bool = False) -> _Table:
-    text = _decode(_read_bytes(path), path, encoding).rstrip("\r\n")
+    text = decode_text(_read_bytes(path), path, encoding).rstrip("\n")
     if not text:
         raise DataError("file is empty", path=path)
     try:
@@ -465,17 +458,26 @@ def _generic_items(cat: _Table, cat_ids: pd.Series, item_ids: np.ndarray, title_
     return items
 
 
-def load_dataset(source: str | Path, demo_seed: int = 0) -> Dataset:
-    """`demo`, a MovieLens-1M directory (ratings.dat), or a saved dataset (dataset.json)."""
+def load_dataset(data) -> Dataset:
+    """The dataset the `data` section (or a bare source string) names, read strictly: `demo`,
+    a MovieLens-1M directory (ratings.dat), a generic folder (interactions.csv|tsv|parquet)
+    or a saved dataset (dataset.json). Image paths must stay inside the data's folder."""
+    from bonmf_core.config import DataConfig
     from bonmf_core.data.demo import demo_dataset
+    from bonmf_core.data.snapshot import (raw_tables_from_dataset, read_raw_generic,
+                                          source_kind, strict_dataset)
 
-    if str(source) == "demo":
-        return demo_dataset(seed=demo_seed)
-    path = Path(source)
-    if (path / "dataset.json").exists():
-        return Dataset.load(path)
-    if (path / "ratings.dat").exists():
+    if not isinstance(data, DataConfig):
+        data = DataConfig(source=str(data))
+    kind = source_kind(data.source)
+    if kind == "demo":
+        return demo_dataset(seed=data.demo_seed, n_users=data.demo_users,
+                            n_items=data.demo_items)
+    path = Path(data.source)
+    if kind == "movielens":
         return read_movielens(path)
-    raise DataError("not a dataset: expected 'demo', a MovieLens-1M directory (ratings.dat) "
-                    "or a saved dataset (dataset.json)", path=path)
-
+    if kind == "generic":
+        return strict_dataset(read_raw_generic(path, data))
+    dataset = Dataset.load(path)
+    strict_dataset(raw_tables_from_dataset(dataset, root=path))   # refuses escaping paths
+    return dataset

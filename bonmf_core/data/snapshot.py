@@ -5,13 +5,15 @@ training, the orchestration wants the opposite order — take whatever arrived, 
 checks (`data_checks/`) say what is wrong with it, and only build the strict `Dataset` once the
 checks pass. So this module:
 
-- `read_raw(source, ...)` ingests 'demo', a MovieLens-1M directory or a saved dataset directory
-  into RAW frames (raw string ids; ratings/timestamps numeric where every value parses, text
-  otherwise), never raising for bad values;
+- `read_raw(data)` ingests 'demo', a MovieLens-1M directory, a generic folder
+  (`generic.py`) or a saved dataset directory into RAW frames (`raw.RawTables`: raw string
+  ids; ratings/timestamps numeric where every value parses, text otherwise; the source line
+  of every row; the lines that did not parse), raising only for files it cannot read;
 - `save_snapshot` / `load_snapshot` keep them as parquet under `<root>/<content hash>/`;
 - `dataset_from_raw` builds the strict `Dataset` from validated raw frames, with the index
   order each source uses (ML-1M: users by numeric id, items by first appearance, exactly what
-  `read_movielens` gives, so the canonical NCF test files still line up);
+  `read_movielens` gives, so the canonical NCF test files still line up); `strict_dataset`
+  does the same for frames that skipped the checks, raising on what they would block;
 - `source_fingerprint` is a cheap hash of what a source would ingest (file bytes and poster
   names/sizes), the sensor's run key.
 """
@@ -20,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,102 +30,66 @@ import pandas as pd
 from bonmf_core.atomic import atomic_dir
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.errors import DataError
-from bonmf_core.data.readers import poster_paths
 from bonmf_core.config import DataConfig
-
-_DATA = DataConfig()   # the demo's defaults are the configuration's
+from bonmf_core.data.generic import generic_file, read_raw_generic
+from bonmf_core.data.paths import outside_reason
+from bonmf_core.data.raw import (RawTables, image_identity, numeric_or_text as _numeric_or_text,
+                                 str_series as _str)
+from bonmf_core.data.readers import poster_paths
+from bonmf_core.data.textfiles import decode_text, read_file, split_csv, split_dat
 
 SNAPSHOT_FORMAT = 1
 ML_RATING_SCALE = (1.0, 5.0)
 
 
-@dataclass
-class RawTables:
-    """Raw frames as the data checks take them, plus what is needed to build the Dataset.
-
-    interactions: user_id (str), item_id (str), rating, timestamp.
-    items: item_id, title, genres, image_path, free text columns.
-    users: user_id + attribute columns, or None.
-    item_order / user_order: how `dataset_from_raw` indexes them ('first_seen' | 'catalog',
-        'numeric' | 'table').
-    """
-
-    name: str
-    source: str
-    interactions: pd.DataFrame
-    items: pd.DataFrame
-    users: pd.DataFrame | None = None
-    rating_scale: tuple[float, float] | None = None
-    item_order: str = "catalog"
-    user_order: str = "table"
-    problems: dict = field(default_factory=dict)   # lines the lenient parser had to skip
-
-    def content_hash(self) -> str:
-        """Equal raw data (and equal image files by name and size), equal hash."""
-        h = hashlib.sha256()
-        for frame in (self.interactions, self.items, self.users):
-            if frame is None:
-                h.update(b"none")
-                continue
-            h.update(",".join(map(str, frame.columns)).encode())
-            h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-        if "image_path" in self.items.columns:
-            for p in self.items["image_path"]:
-                h.update(_file_stamp(p, with_mtime=False).encode())
-        h.update(json.dumps([self.rating_scale, self.item_order, self.user_order]).encode())
-        return h.hexdigest()[:16]
-
-    def counts(self) -> dict:
-        return {"n_interactions": len(self.interactions), "n_items": len(self.items),
-                "n_users": int(self.interactions["user_id"].nunique())
-                if "user_id" in self.interactions.columns else 0}
-
-
-def _file_stamp(path, with_mtime: bool) -> str:
-    if not isinstance(path, str) or not path:
-        return "-"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return f"{Path(path).name}:missing"
-    return f"{Path(path).name}:{st.st_size}" + (f":{st.st_mtime_ns}" if with_mtime else "")
-
-
 # -- sources ----------------------------------------------------------------------------------
 
 def source_kind(source: str | Path) -> str:
+    """'demo' | 'saved' (dataset.json) | 'movielens' (ratings.dat) | 'generic'
+    (interactions.csv|tsv|parquet)."""
     if str(source) == "demo":
         return "demo"
     path = Path(source)
+    if not path.is_dir():
+        raise DataError("data folder not found (expected 'demo' or a folder)", path=path)
     if (path / "dataset.json").exists():
         return "saved"
     if (path / "ratings.dat").exists():
         return "movielens"
-    raise DataError("not a dataset: expected 'demo', a MovieLens-1M directory (ratings.dat) "
-                    "or a saved dataset (dataset.json)", path=path)
+    if generic_file(path, "interactions") is not None:
+        return "generic"
+    raise DataError("not a dataset: expected 'demo', a folder with interactions.csv|tsv|parquet "
+                    "(+ optional items.*, users.*), a MovieLens-1M folder (ratings.dat) or a "
+                    "saved dataset (dataset.json)", path=path)
 
 
-def read_raw(source: str | Path, demo_seed: int = _DATA.demo_seed,
-             demo_users: int = _DATA.demo_users, demo_items: int = _DATA.demo_items, image_dir: str | Path | None = None) -> RawTables:
-    """Ingest `source` into raw frames (lenient: bad values are for the checks to find)."""
-    kind = source_kind(source)
+def read_raw(data: DataConfig, image_dir: str | Path | None = None) -> RawTables:
+    """Ingest the `data` section's source into raw frames (lenient: bad values are for the
+    checks to find; only unreadable files raise)."""
+    kind = source_kind(data.source)
     if kind == "demo":
         from bonmf_core.data.demo import demo_dataset
         from bonmf_core.settings import state_dir
 
         # The pictures depend on every demo argument, so the folder is keyed by all of them.
-        image_dir = image_dir or (state_dir() / "demo" /
-                                  f"seed-{demo_seed}-{demo_users}x{demo_items}" / "images")
-        ds = demo_dataset(seed=demo_seed, n_users=demo_users, n_items=demo_items,
-                          image_dir=image_dir)
-        return raw_tables_from_dataset(ds, source="demo")
+        image_dir = Path(image_dir or (state_dir() / "demo" / f"seed-{data.demo_seed}-"
+                                       f"{data.demo_users}x{data.demo_items}" / "images"))
+        ds = demo_dataset(seed=data.demo_seed, n_users=data.demo_users,
+                          n_items=data.demo_items, image_dir=image_dir)
+        return raw_tables_from_dataset(ds, source="demo", root=image_dir)
+    folder = Path(data.source)
     if kind == "saved":
-        return raw_tables_from_dataset(Dataset.load(source), source=str(Path(source).resolve()))
-    return read_raw_movielens(source)
+        return raw_tables_from_dataset(Dataset.load(folder), source=str(folder.resolve()),
+                                       root=folder)
+    if kind == "generic":
+        return read_raw_generic(folder, data)
+    return read_raw_movielens(folder)
 
 
-def raw_tables_from_dataset(ds: Dataset, source: str = "") -> RawTables:
-    """A Dataset's frames with indices mapped back to raw ids (catalog / table order)."""
+def raw_tables_from_dataset(ds: Dataset, source: str = "",
+                            root: str | Path | None = None) -> RawTables:
+    """A Dataset's frames with indices mapped back to raw ids (catalog / table order);
+    `root` is the folder its image paths must stay in."""
     inter = ds.interactions
     frame = pd.DataFrame({"user_id": _str(ds.user_ids[inter["user"].to_numpy()]),
                           "item_id": _str(ds.item_ids[inter["item"].to_numpy()])})
@@ -135,22 +99,27 @@ def raw_tables_from_dataset(ds: Dataset, source: str = "") -> RawTables:
     return RawTables(name=ds.name, source=source or ds.name, interactions=frame,
                      items=ds.items.reset_index(drop=True).copy(),
                      users=None if ds.users is None else ds.users.reset_index(drop=True).copy(),
-                     rating_scale=ds.rating_scale, item_order="catalog", user_order="table")
+                     rating_scale=ds.rating_scale, item_order="catalog", user_order="table",
+                     root=None if root is None else str(Path(root).resolve()))
 
 
 def read_raw_movielens(directory: str | Path) -> RawTables:
     """Lenient parse of a MovieLens-1M directory (ratings.dat, movies.dat, optional users.dat,
-    overviews_tmdb.csv, posters/). Lines with the wrong number of fields are skipped and
-    counted in `problems`; values are kept as written for the checks to judge."""
+    overviews_tmdb.csv, posters/). Lines with the wrong number of fields are kept out of the
+    frames and recorded in `problems` with their line numbers (the parsing check blocks on
+    them); values are kept as written for the checks to judge."""
     directory = Path(directory)
     problems: dict = {}
+    origins: dict = {}
     ratings = _read_dat_lenient(directory / "ratings.dat",
-                                ("user_id", "item_id", "rating", "timestamp"), problems)
+                                ("user_id", "item_id", "rating", "timestamp"), problems,
+                                origins, "interactions")
     interactions = pd.DataFrame({"user_id": _str(ratings["user_id"].str.strip()),
                                  "item_id": _str(ratings["item_id"].str.strip()),
                                  "rating": _numeric_or_text(ratings["rating"]),
                                  "timestamp": _numeric_or_text(ratings["timestamp"], integer=True)})
-    movies = _read_dat_lenient(directory / "movies.dat", ("item_id", "title", "genres"), problems)
+    movies = _read_dat_lenient(directory / "movies.dat", ("item_id", "title", "genres"),
+                               problems, origins, "items")
     items = pd.DataFrame({"item_id": _str(movies["item_id"].str.strip()),
                           "title": _str(movies["title"]), "genres": _str(movies["genres"])})
     posters = directory / "posters"
@@ -158,67 +127,42 @@ def read_raw_movielens(directory: str | Path) -> RawTables:
     items["image_path"] = _str([found.get(i) for i in items["item_id"]])
     overviews = directory / "overviews_tmdb.csv"
     if overviews.exists():
-        text = pd.read_csv(overviews, dtype=str, keep_default_na=False, on_bad_lines="skip")
-        if "movieId" in text.columns:
-            text = (text.assign(movieId=text["movieId"].str.strip())
-                    .drop_duplicates("movieId").set_index("movieId"))
-            for src, dst in (("tmdb_overview", "overview"), ("tmdb_keywords", "keywords")):
-                if src in text.columns:
-                    items[dst] = _str(text[src].reindex(items["item_id"]).fillna("").to_numpy())
+        _add_overviews(items, overviews, problems)
     users = None
     if (directory / "users.dat").exists():
         u = _read_dat_lenient(directory / "users.dat",
-                              ("user_id", "gender", "age", "occupation", "zip"), problems)
+                              ("user_id", "gender", "age", "occupation", "zip"), problems,
+                              origins, "users")
         users = pd.DataFrame({"user_id": _str(u["user_id"].str.strip()),
                               **{c: _str(u[c]) for c in ("gender", "age", "occupation")}})
     return RawTables(name=directory.resolve().name, source=str(directory.resolve()),
                      interactions=interactions, items=items, users=users,
                      rating_scale=ML_RATING_SCALE, item_order="first_seen",
-                     user_order="numeric", problems=problems)
+                     user_order="numeric", problems=problems,
+                     root=str(directory.resolve()), origins=origins)
 
 
-def _read_dat_lenient(path: Path, names: tuple[str, ...], problems: dict) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError("required file is missing", path=path)
-    data = path.read_bytes().replace(b"\r\n", b"\n").rstrip(b"\n")
-    try:
-        data.decode("utf-8")
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        encoding = "iso-8859-1"
-    data = data.replace(b"::", b"\x1f")
-    skipped: list[int] = []
-    frame = _split_lines(data, names, encoding, skipped)
-    if skipped:
-        problems[path.name] = {"skipped_lines": len(skipped)}
-    return frame
+def _add_overviews(items: pd.DataFrame, path: Path, problems: dict) -> None:
+    """The TMDB overview/keywords side file (UTF-8 CSV keyed by movieId) as text columns."""
+    records = split_csv(decode_text(read_file(path), path, "utf-8"), path)
+    problems.update(records.problems())
+    text = pd.DataFrame(records.rows, columns=records.header, dtype=object)
+    if "movieId" not in text.columns:
+        raise DataError(f"column 'movieId' not found; columns found: {records.header}",
+                        path=path, field="movieId")
+    text = (text.assign(movieId=text["movieId"].str.strip())
+            .drop_duplicates("movieId").set_index("movieId"))
+    for src, dst in (("tmdb_overview", "overview"), ("tmdb_keywords", "keywords")):
+        if src in text.columns:
+            items[dst] = _str(text[src].reindex(items["item_id"]).fillna("").to_numpy())
 
 
-def _split_lines(data: bytes, names, encoding: str, skipped: list) -> pd.DataFrame:
-    """Split on the one-byte separator; lines with the wrong field count are skipped."""
-    text = data.decode(encoding)
-    rows, n = [], len(names)
-    for line in text.split("\n"):
-        parts = line.split("\x1f")
-        if len(parts) == n:
-            rows.append(parts)
-        elif line.strip():
-            skipped.append(1)
-    return pd.DataFrame(rows, columns=list(names), dtype=object).astype(str)
-
-
-def _str(values) -> pd.Series:
-    return pd.Series(np.asarray(values, dtype=object), dtype="str").reset_index(drop=True)
-
-
-def _numeric_or_text(col: pd.Series, integer: bool = False) -> pd.Series:
-    """Numbers when every value parses (ints for whole-number columns), else the text as is."""
-    num = pd.to_numeric(col.str.strip(), errors="coerce")
-    if len(col) and num.notna().all():
-        if integer and (num % 1 == 0).all():
-            return num.astype(np.int64).reset_index(drop=True)
-        return num.astype(np.float64).reset_index(drop=True)
-    return _str(col)
+def _read_dat_lenient(path: Path, names: tuple[str, ...], problems: dict, origins: dict,
+                      table: str) -> pd.DataFrame:
+    records = split_dat(decode_text(read_file(path), path, "auto"), names, path.name)
+    problems.update(records.problems())
+    origins[table] = {"file": path.name, "lines": np.asarray(records.lines, dtype=np.int64)}
+    return pd.DataFrame(records.rows, columns=list(names), dtype=object).astype(str)
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -233,11 +177,17 @@ def save_snapshot(raw: RawTables, root: str | Path) -> tuple[str, Path]:
             raw.items.to_parquet(tmp / "items.parquet", index=False)
             if raw.users is not None:
                 raw.users.to_parquet(tmp / "users.parquet", index=False)
+            origins = {}
+            for table, origin in raw.origins.items():
+                if origin["lines"] is not None:     # None: Parquet, rows are their own origin
+                    np.save(tmp / f"lines.{table}.npy", origin["lines"], allow_pickle=False)
+                origins[table] = origin["file"]
             (tmp / "snapshot.json").write_text(json.dumps({
                 "format": SNAPSHOT_FORMAT, "content_hash": digest, "name": raw.name,
                 "source": raw.source, "rating_scale": raw.rating_scale,
                 "item_order": raw.item_order, "user_order": raw.user_order,
-                "problems": raw.problems, **raw.counts()}, indent=2))
+                "problems": raw.problems, "root": raw.root, "origins": origins,
+                **raw.counts()}, indent=2))
     return digest, path
 
 
@@ -252,10 +202,49 @@ def load_snapshot(path: str | Path) -> RawTables:
                      users=pd.read_parquet(users) if users.exists() else None,
                      rating_scale=tuple(scale) if scale else None,
                      item_order=meta["item_order"], user_order=meta["user_order"],
-                     problems=meta.get("problems", {}))
+                     problems=meta.get("problems", {}), root=meta.get("root"),
+                     origins={table: {"file": file, "lines": _lines(path, table)}
+                              for table, file in meta.get("origins", {}).items()})
+
+
+def _lines(path: Path, table: str) -> np.ndarray | None:
+    lines = path / f"lines.{table}.npy"
+    return np.load(lines, allow_pickle=False) if lines.exists() else None
 
 
 # -- the strict build -------------------------------------------------------------------------
+
+def strict_dataset(raw: RawTables) -> Dataset:
+    """The `Dataset` from raw frames that have not been through the checks (the benchmarks'
+    and the library's direct path): the first problem the checks would block on raises a
+    DataError naming its file and line instead."""
+    for file, found in raw.problems.items():
+        first = found["examples"][0]
+        raise DataError(f"{first['problem']} ({found['malformed_lines']} line(s) do not parse)",
+                        path=Path(raw.root or ".") / file, line=first["line"])
+    for column in ("rating", "timestamp"):
+        values = raw.interactions.get(column)
+        if values is not None and values.dtype.kind not in "if":
+            row = int(np.argmax(pd.to_numeric(values, errors="coerce").isna().to_numpy()))
+            raise _row_error(raw, "interactions", row, column,
+                             f"expected a number, found {values.iloc[row]!r}")
+    for row, path in enumerate(raw.items.get("image_path", [])):
+        reason = outside_reason(path, raw.root)
+        if reason:
+            raise _row_error(raw, "items", row, "image_path", f"{path!r} is {reason}")
+    return dataset_from_raw(raw)
+
+
+def _row_error(raw: RawTables, table: str, row: int, column: str, message: str) -> DataError:
+    origin = raw.origins.get(table)
+    if origin is None:
+        return DataError(f"{table} row {row + 1}: {message}", field=column)
+    if origin["lines"] is None:
+        return DataError(f"row {row + 1}: {message}", path=Path(raw.root or ".") / origin["file"],
+                         field=column)
+    return DataError(message, path=Path(raw.root or ".") / origin["file"],
+                     line=int(origin["lines"][row]), field=column)
+
 
 def dataset_from_raw(raw: RawTables) -> Dataset:
     """The strict `Dataset` from raw frames that passed the checks (raises DataError if not)."""
@@ -308,14 +297,16 @@ def dataset_from_raw(raw: RawTables) -> Dataset:
                    rating_scale=raw.rating_scale)
 
 
-def source_fingerprint(source: str | Path, demo_seed: int = _DATA.demo_seed,
-                       demo_users: int = _DATA.demo_users,
-                       demo_items: int = _DATA.demo_items) -> str:
-    """A cheap hash of what `read_raw(source, ...)` would ingest, without parsing it.
+def source_fingerprint(data: DataConfig) -> str:
+    """A cheap hash of what `read_raw(data)` would ingest, without parsing it (any format).
 
     Files directly in the source folder are hashed by content; image folders (posters/,
-    images/) by file name and size. The demo is its arguments.
+    images/) by file name, size and modification time (an edited poster is seen without
+    reading every picture); links that lead outside the folder are ignored. The demo is its
+    arguments.
     """
+    source, demo_seed, demo_users, demo_items = (data.source, data.demo_seed, data.demo_users,
+                                                 data.demo_items)
     h = hashlib.sha256()
     if str(source) == "demo":
         h.update(f"demo:{demo_seed}:{demo_users}:{demo_items}".encode())
@@ -324,7 +315,7 @@ def source_fingerprint(source: str | Path, demo_seed: int = _DATA.demo_seed,
     if not root.is_dir():
         raise DataError("source folder not found", path=root)
     for entry in sorted(root.rglob("*")):
-        if not entry.is_file() or entry.name.startswith("."):
+        if not entry.is_file() or entry.name.startswith(".") or outside_reason(str(entry), root):
             continue
         rel = str(entry.relative_to(root))
         if entry.parent == root:
@@ -333,5 +324,6 @@ def source_fingerprint(source: str | Path, demo_seed: int = _DATA.demo_seed,
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         else:
-            h.update(f"{rel}:{entry.stat().st_size}".encode())
+            stat = entry.stat()
+            h.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return h.hexdigest()[:16]

@@ -270,3 +270,22 @@ def record_run_failure(store: Store, run_id: str, *, job_name: str, message: str
 def list_run_failures(store: Store) -> list[dict]:
     with store.session() as s:
         return [_row(r) for r in s.scalars(select(RunFailure).order_by(RunFailure.created_at))]
+
+
+# -- at a glance ------------------------------------------------------------------------------
+
+def latest_event(store: Store) -> dict | None:
+    """The most recent gate decision, or None."""
+    with store.session() as s:
+        row = s.scalars(select(PromotionEvent).order_by(PromotionEvent.id.desc()).limit(1)).first()
+        return _row(row) if row is not None else None
+
+
+def latest_snapshot(store: Store) -> dict | None:
+    """The most recently ingested snapshot (with its validation outcome), or None."""
+    with store.session() as s:
+        row = s.scalars(select(DatasetSnapshot).order_by(DatasetSnapshot.validated_at.desc()
+                                                         .nulls_last(),
+                                                         DatasetSnapshot.created_at.desc())
+                        .limit(1)).first()
+        return _row(row) if row is not None else None

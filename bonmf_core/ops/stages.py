@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bonmf_core.config import BonmfConfig, ChecksConfig, DataConfig
+from bonmf_core.data.paths import outside_reason
 from bonmf_core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,15 @@ def snapshot(data: DataConfig, *, root: str | Path | None = None, out: str | Pat
 
     if (root is None) == (out is None):
         raise ValueError("snapshot needs exactly one of root (content-addressed) or out")
-    raw = read_raw(data.source, data.demo_seed, data.demo_users, data.demo_items)
+    raw = read_raw(data)
     if root is not None:
         digest, path = save_snapshot(raw, root)
     else:
         out = Path(out)
         if out.exists():
             shutil.rmtree(out)
-        raw.items = copy_images(raw.items, out / "images")
+        raw.items = copy_images(raw.items, out / "images", root=raw.root)
+        raw.root = str(out)   # as written (relative in DVC's stages): no absolute path inside
         staging = Path(tempfile.mkdtemp(prefix=".snapshot.", dir=out.parent))
         try:
             digest, saved = save_snapshot(raw, staging)
@@ -63,25 +65,30 @@ def snapshot(data: DataConfig, *, root: str | Path | None = None, out: str | Pat
             "problems": raw.problems, **raw.counts()}
 
 
-def copy_images(items, folder: str | Path):
+def copy_images(items, folder: str | Path, root: str | Path | None = None):
     """`items` with every readable `image_path` copied into `folder` and pointing there (as
-    `folder/<file name>`, relative when `folder` is). File names are kept: the dataset's
-    content hash identifies images by name."""
+    `folder/<file name>`, relative when `folder` is). A path that leads outside `root` (the
+    dataset's own folder) is neither read nor copied: it stays as written, for the catalog
+    check to block by row."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if "image_path" not in items.columns:
         return items
-    moved, seen = [], {}
+    moved = []
     for source in items["image_path"]:
-        if not isinstance(source, str) or not source or not Path(source).is_file():
+        if (not isinstance(source, str) or not source or outside_reason(source, root)
+                or not Path(source).is_file()):
             moved.append(source)
             continue
-        name = Path(source).name
-        if seen.setdefault(name, source) != source:
-            raise DataError(f"two images share the file name {name!r} ({seen[name]} and "
-                            f"{source}); they would overwrite each other", field="image_path")
-        shutil.copy2(source, folder / name)
-        moved.append(str(folder / name))
+        # the path inside the dataset folder is kept, so images/a/1.jpg and images/b/1.jpg
+        # stay two files
+        inside = (Path(source).resolve().relative_to(Path(root).resolve()) if root is not None
+                  else Path(Path(source).name))
+        target = folder / inside
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copy2(source, target)
+        moved.append(str(target))
     return items.assign(image_path=moved)
 
 
@@ -114,7 +121,9 @@ def validate(snapshot_path: str | Path, checks: ChecksConfig,
         Path(docs).mkdir(parents=True, exist_ok=True)
     result = validate_snapshot(raw.interactions, raw.items, raw.users,
                                check_thresholds(checks, raw.rating_scale),
-                               previous_profile=previous_profile, docs_dir=docs)
+                               previous_profile=previous_profile, docs_dir=docs,
+                               parse_problems=raw.problems, origins=raw.origins,
+                               image_root=raw.root)
     return raw, result
 
 

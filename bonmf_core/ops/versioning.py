@@ -7,6 +7,11 @@ into `promoted/model` and `promoted/dataset`; `dvc add` writes their pointer fil
 remote, and a git commit of only those pointer files ties the hashes to a revision. The
 registry keeps the same hashes, so any version is restorable by its id or by that revision.
 
+The commit never moves the branch you work on: by default it goes to `dvc.git_branch`
+(`bonmf/registry`), written with git plumbing through a private index, so HEAD, the index and
+the working tree stay as they were; an annotated tag (`dvc.git_tag`, `model@v3`) names each
+version's commit. `dvc.git_branch: null` commits on the current branch instead.
+
 Every DVC call here:
 - runs `python -m dvc` from this interpreter, analytics off, site cache in the state folder;
 - holds a file lock in `.dvc/tmp` (one DVC operation per workspace at a time; DVC's own lock
@@ -121,8 +126,10 @@ def run_dvc(repo: Path, state: Path, *args: str, timeout_s: float = 600.0,
         return done
 
 
-def run_git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+def run_git(repo: Path, *args: str, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **env} if env else None)
     if check and done.returncode != 0:
         raise VersioningError(f"`git {' '.join(args)}` failed in {repo}: "
                               f"{(done.stderr or done.stdout).strip()[-2000:]}")
@@ -175,10 +182,12 @@ def find_dataset(datasets_root: Path, dataset_hash: str) -> Path:
 
 
 def version_promotion(repo: Path, state: Path, settings: DvcConfig, *, dataset_dir: Path,
-                      model_dir: Path, message: str) -> dict:
-    """Track the promoted model and its dataset with DVC, push them, commit the pointer files.
+                      model_dir: Path, message: str, version: int) -> dict:
+    """Track the promoted model version `version` and its dataset with DVC, push them, commit
+    the pointer files (see `record_in_git`).
 
-    → the hashes to record: {dataset: {md5, size, nfiles, path}, model: {…}, git_rev, remote}.
+    → the hashes to record: {dataset: {md5, size, nfiles, path}, model: {…}, git_rev,
+    git_branch, git_tag, remote}.
     """
     repo, state = Path(repo).resolve(), Path(state).resolve()
     started = time.perf_counter()
@@ -193,11 +202,11 @@ def version_promotion(repo: Path, state: Path, settings: DvcConfig, *, dataset_d
         run_dvc(repo, state, "add", *targets)
         pointers = [f"{t}.dvc" for t in targets]
         run_dvc(repo, state, "push", "-r", settings.remote_name, *pointers)
-        rev = _commit(repo, [*pointers, f"{PROMOTED}/.gitignore"], message) \
-            if settings.git_commit else None
+        git = record_in_git(repo, settings, [*pointers, f"{PROMOTED}/.gitignore"], message,
+                            version) if settings.git_commit else {"git_rev": None}
     hashes = {name: {**read_pointer((promoted / f"{name}.dvc").read_text(), name),
                      "path": f"{PROMOTED}/{name}"} for name in ARTIFACTS}
-    return {**hashes, "git_rev": rev, "remote": {"name": settings.remote_name, "url": url},
+    return {**hashes, **git, "remote": {"name": settings.remote_name, "url": url},
             "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -225,6 +234,70 @@ def _identity(repo: Path) -> list[str]:
     if run_git(repo, "config", "user.email", check=False).stdout.strip():
         return []
     return ["-c", "user.name=bonmf", "-c", "user.email=bonmf@localhost"]
+
+
+def record_in_git(repo: Path, settings: DvcConfig, files: list[str], message: str,
+                  version: int) -> dict:
+    """Commit `files` where configuration says (`dvc.git_branch`, else the current branch) and
+    tag the commit (`dvc.git_tag`) → {git_rev, git_branch, git_tag}."""
+    current = run_git(repo, "symbolic-ref", "--quiet", "--short", "HEAD", check=False
+                      ).stdout.strip() or None
+    branch = settings.git_branch
+    if branch is None or branch == current:
+        # Checked out on the registry branch itself: a plain commit keeps the work tree in step.
+        rev, branch = _commit(repo, files, message), current
+    else:
+        rev = commit_to_branch(repo, branch, files, message)
+    tag = settings.git_tag.format(version=version) if settings.git_tag else None
+    if tag:
+        _tag(repo, tag, rev, message)
+    return {"git_rev": rev, "git_branch": branch, "git_tag": tag}
+
+
+def commit_to_branch(repo: Path, branch: str, files: list[str], message: str) -> str:
+    """Commit the working-tree contents of `files` onto `branch` without checking it out →
+    the revision.
+
+    Plumbing through a private index file (read-tree, hash-object, update-index, write-tree,
+    commit-tree, update-ref): the checkout's HEAD, index and working tree are never touched.
+    A new branch starts at the current commit, so checking it out gives the whole project
+    with these pointer files. Nothing changed since the branch's tip: no new commit.
+    """
+    ref = f"refs/heads/{branch}"
+    if run_git(repo, "check-ref-format", ref, check=False).returncode:
+        raise VersioningError(f"dvc.git_branch {branch!r} is not a valid git branch name")
+    tip = _resolve(repo, ref)
+    parent = tip or _resolve(repo, "HEAD")
+    with tempfile.TemporaryDirectory(prefix="bonmf-index-") as tmp:
+        index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        run_git(repo, "read-tree", *([parent] if parent else ["--empty"]), env=index)
+        for name in files:
+            blob = run_git(repo, "hash-object", "-w", "--", name).stdout.strip()
+            run_git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{name}",
+                    env=index)
+        tree = run_git(repo, "write-tree", env=index).stdout.strip()
+    if tip and tree == _resolve(repo, f"{tip}^{{tree}}"):
+        return tip
+    rev = run_git(repo, *_identity(repo), "commit-tree", tree,
+                  *(["-p", parent] if parent else []), "-m", message).stdout.strip()
+    # Compare-and-swap on the old tip: a concurrent writer makes this fail, never lose a commit.
+    run_git(repo, "update-ref", "-m", message, ref, rev, tip or "0" * 40)
+    return rev
+
+
+def _resolve(repo: Path, rev: str) -> str | None:
+    done = run_git(repo, "rev-parse", "--verify", "--quiet", rev, check=False)
+    return done.stdout.strip() or None
+
+
+def _tag(repo: Path, tag: str, rev: str, message: str) -> None:
+    """An annotated tag `tag` on `rev`. A tag left by an earlier registry (ids restart when
+    the store is recreated) is moved: the registry in use is what names versions."""
+    if run_git(repo, "check-ref-format", f"refs/tags/{tag}", check=False).returncode:
+        raise VersioningError(f"dvc.git_tag gives {tag!r}, not a valid git tag name")
+    if _resolve(repo, f"refs/tags/{tag}^{{commit}}") == rev:
+        return
+    run_git(repo, *_identity(repo), "tag", "-f", "-a", "-m", message, tag, rev)
 
 
 def _commit(repo: Path, files: list[str], message: str) -> str:

@@ -8,7 +8,8 @@ reads the training state or the store.
     encoders/              the content encoders' weights (pretrained source): text/ is a
                            transformers folder, image/ a timm state dict + its preprocessing
     serving.json           bundle version, registry version, metrics + protocol, dataset hash,
-                           encoder settings and identities, request limits
+                           encoder settings and identities, request limits, the `serving`
+                           section (limits, API key file, host)
 
 Build time only: this module reaches the embedding cache (the store, SQLAlchemy) and the
 encoders' sources. The runtime that answers from a bundle is `bonmf_core.serving.engine`.
@@ -48,7 +49,8 @@ def write_bundle(out: str | Path, model_dir: str | Path, dataset: Dataset,
     `encoders`: how the catalog was encoded; its content embeddings come through the
     embedding cache (no re-encoding when cached) and the encoders' weights are copied in.
     `info`: registry facts (model version, metrics, protocol, dataset hash, ...) for `metadata`.
-    `serving`: the request limits the bundle records (default: the schema's).
+    `serving`: the section the bundle records — limits, key file, host (default: the
+    schema's).
     A model whose id maps or content features do not match the dataset / encoders is refused.
     """
     from safetensors.torch import save_file
@@ -88,6 +90,7 @@ def write_bundle(out: str | Path, model_dir: str | Path, dataset: Dataset,
                         "users": dataset.n_users, "items": dataset.n_items},
             "encoders": _copy_encoders(encoders, tmp / "encoders"), "content": report,
             "limits": {k: v for k, v in limits.items() if k.startswith("max_")},
+            "serving": limits,  # the whole section: the Bento's key file and host too
             **(info or {})}
         (tmp / "serving.json").write_text(json.dumps(info_json, indent=2, default=str))
     return out

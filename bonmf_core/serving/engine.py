@@ -40,6 +40,12 @@ class RequestError(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
 
 
+class PayloadTooLargeError(RequestError):
+    """Content too large to process (an image over the pixel limit): a 413."""
+
+    status = 413
+
+
 class UnknownIdError(RequestError):
     """Ids the model does not know (a 404 that lists them)."""
 
@@ -87,7 +93,9 @@ class ServingEngine:
         self.seen_items = catalog["seen_items"].numpy()
         self.content = {m: catalog[f"content_{m}"] for m in CONTENT_MODALITIES
                         if f"content_{m}" in catalog}
-        self.limits = ServingConfig.model_validate(self.info.get("limits", {}))
+        # The whole `serving` section since it was recorded; older bundles: the limits.
+        self.limits = ServingConfig.model_validate(self.info.get("serving")
+                                                   or self.info.get("limits", {}))
         self._precompute()
         self.encoders = _ContentEncoders(self.path, self.info["encoders"]) if load_encoders \
             else None
@@ -197,7 +205,8 @@ class ServingEngine:
         """
         self.check_k(k_users, "k_users")
         self.check_k(k_items, "k_items")
-        raw, present = self.encoders.encode(item) if self.encoders else ({}, {})
+        raw, present = self.encoders.encode(item, self.limits.max_image_pixels) \
+            if self.encoders else ({}, {})
         if not any(present.values()):
             raise RequestError("no usable content: give a title/text or an image", "title")
         content = [m for m in self.model.config.modalities if m != "id"]
@@ -236,7 +245,8 @@ class ServingEngine:
 
     def metadata(self) -> dict:
         keys = ("model_version", "variant", "modalities", "metrics", "protocol", "dataset",
-                "model_artifact_sha256", "code_version", "created_at", "bento_model_tag")
+                "model_artifact_sha256", "code_version", "created_at", "bento_tag",
+                "bento_model_tag")
         out = {k: self.info.get(k) for k in keys}
         enc = self.info["encoders"]
         out["encoders"] = ({"source": "basic", "text": "hashed_bag_of_words",
@@ -278,7 +288,7 @@ class _ContentEncoders:
         return compose_item_texts(row, self.config["text_fields"],
                                   self.config["text_separator"])[0]
 
-    def encode(self, item: NewItem) -> tuple[dict, dict]:
+    def encode(self, item: NewItem, max_pixels: int | None = None) -> tuple[dict, dict]:
         from bonmf_core.content.features import hashed_bag_of_words, tiny_image_features
 
         text = self._text(item)
@@ -291,14 +301,28 @@ class _ContentEncoders:
         if not present["text"]:
             raw["text"].zero_()
         encode_images = self.image.encode if self.image is not None else tiny_image_features
-        if item.image:  # the encoders read files (decoded by content, as the catalog was)
+        if item.image is not None:  # the encoders read files (by content, as the catalog)
+            _check_image(item.image, max_pixels)
             with tempfile.NamedTemporaryFile(suffix=".img") as fh:
                 fh.write(item.image)
                 fh.flush()
                 vectors, ok = encode_images([fh.name])
         else:
             vectors, ok = encode_images([None])  # a zero row, like a catalog item's
-        if item.image and not ok[0]:
+        if item.image is not None and not ok[0]:
             raise RequestError("not a decodable image (PNG, JPEG, WebP, ...)", "image")
         raw["image"], present["image"] = torch.from_numpy(vectors[0]), bool(ok[0])
         return raw, present
+
+
+def _check_image(data: bytes, max_pixels: int | None) -> None:
+    """Refuse an unusable upload with the reason, before the encoders see it: empty or
+    undecodable → 400, over the pixel limit or a decompression bomb → 413."""
+    from bonmf_core.content.encoders import open_image
+    from bonmf_core.errors import ImageError
+
+    try:
+        open_image(data, max_pixels)
+    except ImageError as exc:
+        raise (PayloadTooLargeError if exc.too_large else RequestError)(str(exc), "image") \
+            from None

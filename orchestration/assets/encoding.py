@@ -37,7 +37,9 @@ def _encode(context, modality: str, validated_dataset: dict, params: ParamsResou
         metadata={"path": dg.MetadataValue.path(str(out)), "dim": int(vectors.shape[1]),
                   "items": int(vectors.shape[0]),
                   "items_with_content": int(np.asarray(present).sum()),
-                  "seconds": round(seconds, 3), **shown})
+                  "seconds": dg.MetadataValue.float(round(seconds, 3)),
+                  "items_per_s": dg.MetadataValue.float(round(vectors.shape[0] / max(seconds, 1e-9), 1)),
+                  **shown})
 
 
 @dg.asset(group_name="encoding", kinds={"pytorch"},

@@ -53,12 +53,13 @@ def bento_package(context: dg.AssetExecutionContext, config: PackagingConfig,
                      + (" (unchanged, reused)" if record["reused"] else ""))
     metadata = {"model_version": production["id"], "bento_model_tag": record["model_tag"],
                 "reused": record["reused"], "bentoml_home": record["bentoml_home"],
-                "seconds": round(time.perf_counter() - started, 3)}
+                "seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3))}
     if "bento_tag" in record:
         metadata.update(bento_tag=record["bento_tag"],
                         archive=dg.MetadataValue.path(record["archive"]),
                         archive_sha256=record["archive_sha256"],
-                        archive_mb=round(record["archive_bytes"] / 2**20, 2),
+                        archive_bytes=int(record["archive_bytes"]),
+                        archive_mb=dg.MetadataValue.float(round(record["archive_bytes"] / 2**20, 2)),
                         serve=f"BENTOML_HOME={record['bentoml_home']} bentoml serve "
-                              f"{record['bento_tag']}")
+                              f"{record['bento_tag']} --host 127.0.0.1")
     return dg.MaterializeResult(value={"packaged": True, **record}, metadata=metadata)

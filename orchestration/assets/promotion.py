@@ -1,8 +1,11 @@
 """Promotion: the gate decision, recorded in the registry; the production copy on promotion."""
 
 
+from pathlib import Path
+
 import dagster as dg
 
+from bonmf_core.experiment.report import add_gate
 from bonmf_core.ops import registry
 from bonmf_core.ops.promotion import decide
 
@@ -54,13 +57,29 @@ def promotion_decision(context: dg.AssetExecutionContext, config: ForcePromotion
             decision, reason = d.decision, d.reason
         now = registry.production_model(s)
     context.log.info(f"gate: {decision} — {reason}")
-    return dg.MaterializeResult(
-        value={"decision": decision, "reason": reason, "candidate_version": candidate_id,
-               "production_version": now and now["id"], "event_id": event["id"],
-               "new_event": created, "production_path": str(state.production_dir)
-               if now else None, "compared": compared},
-        metadata={"decision": decision, "reason": reason, "candidate_version": candidate_id,
-                  "production_version": now["id"] if now else "none",
-                  "promotion_event": event["id"], "new_event": created,
-                  "production_path": dg.MetadataValue.path(str(state.production_dir)),
-                  "compared": dg.MetadataValue.json(compared)})
+    value = {"decision": decision, "reason": reason, "candidate_version": candidate_id,
+             "production_version": now and now["id"], "event_id": event["id"],
+             "new_event": created, "production_path": str(state.production_dir)
+             if now else None, "compared": compared}
+    report = add_gate(Path(offline_evaluation["report"]["html"]).parent, value)
+    return dg.MaterializeResult(value=value, metadata={
+        "decision": decision, "reason": reason, "candidate_version": candidate_id,
+        **({"production_version": now["id"]} if now else {}),
+        "promoted": decision in ("promote", "forced"),
+        "promotion_event": event["id"], "new_event": created,
+        **_figures(compared),
+        "production_path": dg.MetadataValue.path(str(state.production_dir)),
+        "report": dg.MetadataValue.path(str(report)),
+        "compared": dg.MetadataValue.json(compared)})
+
+
+def _figures(compared: dict) -> dict:
+    """The gate's numbers as floats (absent when not compared, never a placeholder string:
+    the UI plots a key across runs only when it always has one type)."""
+    metric = compared.get("primary_metric")
+    figures = {"candidate_primary": (compared.get("candidate") or {}).get(metric),
+               "production_primary": (compared.get("production") or {}).get(metric),
+               "improvement": compared.get("improvement"),
+               "best_baseline_primary": max((compared.get("baselines") or {}).values(),
+                                            default=None)}
+    return {k: dg.MetadataValue.float(float(v)) for k, v in figures.items() if v is not None}

@@ -35,7 +35,8 @@ def splits(context: dg.AssetExecutionContext, validated_dataset: dict,
                "dataset_hash": validated_dataset["dataset_hash"]},
         metadata={"protocol": protocol.name, "seeds": list(protocol.seeds),
                   "ks": list(protocol.ks), "splits": dg.MetadataValue.json(described),
-                  "train_rows": described[0]["train"], "test_rows": described[0]["test"]})
+                  "train_rows": int(described[0]["train"]),
+                  "test_rows": int(described[0]["test"])})
 
 
 def _fit_all(context, variants, cfg, validated_dataset: dict, splits: dict,
@@ -87,9 +88,10 @@ def bonmf_candidate(context: dg.AssetExecutionContext, validated_dataset: dict, 
                   "newly_registered": created, "stage": version["stage"],
                   "artifact": dg.MetadataValue.path(chosen["artifact_path"]),
                   "artifact_sha256": version["artifact_sha256"],
-                  **{k: round(float(v), 5) for k, v in metrics.items() if "@" in k},
+                  **{k: dg.MetadataValue.float(float(v)) for k, v in metrics.items()
+                     if "@" in k},
                   "fits_trained": len(fits) - reused, "fits_reused": reused,
-                  "seconds": round(time.perf_counter() - started, 3)})
+                  "seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3))})
 
 
 @dg.asset(group_name="training", kinds={"pytorch"},
@@ -106,12 +108,15 @@ def baselines(context: dg.AssetExecutionContext, validated_dataset: dict, splits
     variants, metric = cfg.pipeline.baselines, cfg.train.metric
     if not variants:
         return dg.MaterializeResult(value={"results": {}, "fits": []},
-                                    metadata={"baselines": "none configured"})
+                                    metadata={"baselines": "none configured", "fits_trained": 0,
+                                              "fits_reused": 0})
     fits = _fit_all(context, variants, cfg, validated_dataset, splits, text_embeddings,
                     image_embeddings, state)
     results = aggregate(fits)
     return dg.MaterializeResult(
         value={"results": results, "fits": [stages.strip_fit(f) for f in fits]},
-        metadata={**{f"{v} {metric}": round(results[v][metric]["mean"], 5) for v in variants},
+        metadata={**{f"{v} {metric}": dg.MetadataValue.float(float(results[v][metric]["mean"]))
+                     for v in variants},
+                  "fits_trained": sum(not f["reused"] for f in fits),
                   "fits_reused": sum(f["reused"] for f in fits),
-                  "seconds": round(time.perf_counter() - started, 3)})
+                  "seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3))})

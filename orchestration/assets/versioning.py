@@ -1,7 +1,8 @@
 """Versioning: after a promotion, the production model and its dataset go to DVC.
 
 The asset copies them into the DVC workspace (`promoted/`), pushes them to the remote, commits
-the pointer files and records the content hashes in the registry (`model_versions.dvc_json`)
+the pointer files (to the `bonmf/registry` branch by default, tagged `model@vN`: the branch you
+work on never moves) and records the content hashes in the registry (`model_versions.dvc_json`)
 and in its metadata — so every promoted version points to the exact data and model that made
 it, restorable with `bonmf restore --version N` or `--rev REV`. The work is in
 `bonmf_core.ops.versioning`, which serializes DVC operations with a lock on the workspace.
@@ -21,7 +22,9 @@ def _skipped(reason: str, **metadata) -> dg.MaterializeResult:
 
 @dg.asset(group_name="versioning", kinds={"dvc"},
           description="After a promotion: the production model and the dataset it was trained "
-                      "on, tracked with DVC (promoted/), pushed to the DVC remote and committed; "
+                      "on, tracked with DVC (promoted/), pushed to the DVC remote and committed "
+                      "to the registry branch (dvc.git_branch, never your current one) with a "
+                      "tag per version (dvc.git_tag); "
                       "their content hashes recorded in the registry. Skips versions already "
                       "versioned, and states why when versioning is off or no DVC repository "
                       "holds the state folder.")
@@ -48,7 +51,7 @@ def versioned_artifacts(context: dg.AssetExecutionContext, promotion_decision: d
             repo, state.path, settings,
             dataset_dir=versioning.find_dataset(state.path / "datasets",
                                                 production["dataset_hash"]),
-            model_dir=state.production_dir,
+            model_dir=state.production_dir, version=production["id"],
             message=f"bonmf: model version {production['id']} ({production['variant']}, "
                     f"dataset {production['dataset_hash']}) promoted")
     except versioning.VersioningError as exc:
@@ -61,5 +64,10 @@ def versioned_artifacts(context: dg.AssetExecutionContext, promotion_decision: d
         value={"versioned": True, "model_version": production["id"], **hashes},
         metadata={"versioned": True, "model_version": production["id"],
                   "dataset_md5": hashes["dataset"]["md5"], "model_md5": hashes["model"]["md5"],
-                  "git_rev": str(hashes["git_rev"]), "remote": hashes["remote"]["url"],
-                  "repo": dg.MetadataValue.path(str(repo)), "seconds": hashes["seconds"]})
+                  **{f"{name}_{k}": int(hashes[name][k]) for name in versioning.ARTIFACTS
+                     for k in ("nfiles", "size") if hashes[name].get(k) is not None},
+                  "git_rev": str(hashes["git_rev"]),
+                  **{k: hashes[k] for k in ("git_branch", "git_tag") if hashes.get(k)},
+                  "remote": hashes["remote"]["url"],
+                  "repo": dg.MetadataValue.path(str(repo)),
+                  "seconds": dg.MetadataValue.float(float(hashes["seconds"]))})
