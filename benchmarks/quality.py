@@ -4,6 +4,8 @@
         --variants pop,bpr,id,text,image,text+image --seeds 0,1,2 --out FILE.json
 
 For ML-1M with the canonical NCF test files pass `--ncf-dir ../shared/datasets/ml-1m-ncf`.
+Under `torchrun --nproc_per_node N` the BoNMF and BPR fits train data-parallel (DDP); rank 0
+evaluates and writes the JSON, which records `world_size`.
 The configuration is read as by every entry point (defaults < --params / ./params.yaml <
 --set < these flags) and runs through the same runner as the Dagster assets and DVC stages.
 """
@@ -14,8 +16,10 @@ import argparse
 import logging
 import sys
 
+from bonmf_core import distributed
 from bonmf_core.atomic import write_json
 from bonmf_core.config import add_config_arguments, load_config
+from bonmf_core.errors import ConfigError
 from bonmf_core.data.readers import load_dataset
 from bonmf_core.experiment.report import format_table
 from bonmf_core.experiment.runner import run_protocol
@@ -50,8 +54,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     cfg = load_config(args.params, args.set, flags_from(args))
-    dataset = load_dataset(cfg.data)
+    try:
+        distributed.init()
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    with distributed.main_first():   # a generated demo is written once, by rank 0
+        dataset = load_dataset(cfg.data)
     results = run_protocol(dataset, cfg, args.variants)
+    results["world_size"] = distributed.world_size()
+    if not distributed.is_main():
+        return 0
     print(format_table(results))
     print(f"seconds: {results['seconds']:.1f}")
     write_json(args.out, results)

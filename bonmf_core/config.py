@@ -179,6 +179,14 @@ class PipelineConfig(Section):
                                   description="BoNMF variants; the best one is the candidate")
     baselines: list[str] = Field(default_factory=lambda: ["pop", "bpr"],
                                  description="the candidate must beat these")
+    executor: Literal["in_process", "multiprocess", "dask", "celery", "k8s"] = Field(
+        "in_process", description="the Dagster executor of `bonmf run` and of launches from "
+                                  "the UI (docs/executors.md); dask, celery and k8s need "
+                                  "dagster-dask, dagster-celery, dagster-k8s")
+    executor_config: dict[str, Any] = Field(
+        default_factory=dict, description="that executor's own config (Dagster's "
+                                          "`execution.config`), checked against its schema "
+                                          "when a run starts; empty = its defaults")
 
     @field_validator("candidates")
     @classmethod
@@ -271,6 +279,16 @@ class ServingConfig(Section):
     host: str = Field("127.0.0.1", description="interface the Bento binds unless "
                                                "`bentoml serve --host` names one; another "
                                                "than loopback without a key is warned about")
+    ann_min_items: int = Field(
+        100_000, ge=1, description="catalogs with at least this many items answer recommend "
+        "and similar_items in two stages (an approximate nearest-neighbour index proposes "
+        "candidates, the full head re-ranks them: docs/retrieval.md); smaller ones score "
+        "every item")
+    ann_candidates: int = Field(500, ge=1, description="candidates the index proposes per "
+                                                       "request (plus the user's seen items)")
+    ann_nprobe: int = Field(32, ge=1, description="IVF lists each query visits: recall "
+                                                  "against latency")
+    ann_lists: int = Field(0, ge=0, description="IVF lists (k-means cells); 0 = 4·√items")
 
     @field_validator("host")
     @classmethod
@@ -288,6 +306,10 @@ class ServingConfig(Section):
 class DvcConfig(Section):
     remote: str | None = Field(None, description="null = $BONMF_DVC_REMOTE or "
                                                  "<state dir>/dvc-remote; or s3://…, ssh://…")
+    endpoint_url: str | None = Field(
+        None, description="an s3:// remote's S3-compatible endpoint (MinIO, SeaweedFS, Ceph: "
+        "http://host:port); null = $BONMF_DVC_ENDPOINT_URL, else AWS. Credentials never "
+        "go here: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment")
     remote_name: str = "storage"
     push_after_promotion: bool = Field(True, description="track, push and commit each "
                                                          "promoted version")

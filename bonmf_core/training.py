@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bonmf_core import distributed
 from bonmf_core.atomic import atomic_file
 from bonmf_core.config import TrainConfig
 from bonmf_core.evaluation.evaluator import evaluate
@@ -36,6 +37,7 @@ class TrainResult:
     samples_per_s: float
     history: list[dict] = field(default_factory=list)
     refit: dict | None = None
+    world_size: int = 1
 
 
 class NegativeSampler:
@@ -83,8 +85,11 @@ class NegativeSampler:
 
 
 def _set_seed(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)  # dropout masks, ID dropout
-    return torch.Generator().manual_seed(seed)  # shuffling and negatives
+    # Dropout masks and ID dropout: a different stream on each rank (the same as before on rank
+    # 0 and in one process). Shuffling and negatives: the same stream on every rank, so all
+    # ranks draw the same epoch of training pairs and each takes its own shard of every batch.
+    torch.manual_seed(distributed.rank_seed(seed))
+    return torch.Generator().manual_seed(seed)
 
 
 def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
@@ -107,14 +112,17 @@ def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
                                  fused=True)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     validate = validate and len(split.valid) > 0
+    # Several ranks (torchrun): gradients all-reduced by DDP; rank 0 validates and saves.
+    net = distributed.wrap(model) if distributed.init() else model
 
     best_state, best_metric, best_epoch, stale = None, -math.inf, 0, 0
     history, samples, train_seconds = [], 0, 0.0
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        loss_sum, n_samples = _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen)
+        net.train()
+        run_epoch = _run_epoch_sharded if net is not model else _run_epoch
+        loss_sum, n_samples = run_epoch(net, optimizer, sampler, u_pos, i_pos, cfg, gen)
         schedule.step()
         seconds = time.perf_counter() - t0
         samples += n_samples
@@ -123,7 +131,8 @@ def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
                   "samples_per_s": n_samples / seconds}
         if validate:
             model.eval()
-            record["valid"] = evaluate(model, split, "valid", ks=(cfg.metric_k,))
+            record["valid"] = distributed.on_main(
+                lambda: evaluate(model, split, "valid", ks=(cfg.metric_k,)))
             metric = record["valid"][cfg.metric]
             if metric > best_metric:
                 best_metric, best_epoch, stale = metric, epoch, 0
@@ -145,7 +154,8 @@ def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_metric=best_metric if validate else float("nan"),
                        epochs_run=epoch, seconds=train_seconds,
-                       samples_per_s=samples / max(train_seconds, 1e-9), history=history)
+                       samples_per_s=samples / max(train_seconds, 1e-9), history=history,
+                       world_size=distributed.world_size())
 
 
 def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainConfig, *,
@@ -181,6 +191,46 @@ def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float
     against one user lookup. BCE labels column 0 as 1 and the rest 0 (the NCF recipe); BPR
     pushes column 0 above each negative.
     """
+    users, items, labels, groups = _epoch_pairs(sampler, u_pos, i_pos, cfg, gen)
+    total = 0.0
+    for s in range(0, len(users), groups):
+        loss = _loss(model, users[s:s + groups], items[s:s + groups], labels, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(users[s:s + groups])
+    return total / len(users), len(users) * items.shape[1]
+
+
+def _run_epoch_sharded(ddp, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float, int]:
+    """`_run_epoch` over W ranks: the same epoch of pairs and the same global batches; each rank
+    scores its 1/W of every batch, and DDP averages the gradients.
+
+    Weighting each shard's mean loss by its share of the batch (× W, since DDP divides by W)
+    makes the averaged gradient that of the whole batch's mean loss, as in one process. A last
+    batch with fewer rows than ranks is dropped (no rank may step on an empty shard).
+    → (the epoch's mean loss over all ranks, samples of all ranks).
+    """
+    users, items, labels, groups = _epoch_pairs(sampler, u_pos, i_pos, cfg, gen)
+    rank, size = distributed.rank(), distributed.world_size()
+    total, done = 0.0, 0
+    for s in range(0, len(users), groups):
+        n = min(groups, len(users) - s)
+        if n < size:
+            break
+        lo, hi = s + n * rank // size, s + n * (rank + 1) // size
+        loss = _loss(ddp, users[lo:hi], items[lo:hi], labels, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * ((hi - lo) * size / n)).backward()
+        optimizer.step()
+        total += loss.item() * (hi - lo)
+        done += n
+    return distributed.all_reduce_sum(total) / done, done * items.shape[1]
+
+
+def _epoch_pairs(sampler, u_pos, i_pos, cfg, gen):
+    """The epoch's training rows, shuffled: (users, items = [positive | negatives], BCE labels of
+    a row, positives per batch)."""
     order = torch.randperm(len(u_pos), generator=gen)
     users = u_pos[order]
     negatives = sampler.sample(users.repeat_interleave(cfg.negatives)).view(-1, cfg.negatives)
@@ -192,27 +242,27 @@ def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float
     # at batch 8192 a 25k-interaction catalog took 15 steps an epoch and its content path
     # barely learned (cold recall at chance); ML-1M-sized data is unaffected.
     groups = max(1, min(cfg.batch_size, max(MIN_BATCH, len(users) * width // MIN_STEPS)) // width)
-    total = 0.0
-    for s in range(0, len(users), groups):
-        logits, norms = model(users[s:s + groups], items[s:s + groups], return_norms=True)
-        if cfg.loss == "bce":
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                logits, labels.expand_as(logits))
-        else:
-            loss = -nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
-        if cfg.embedding_reg:
-            loss = loss + cfg.embedding_reg * norms
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(logits)
-    return total / len(users), len(users) * width
+    return users, items, labels, groups
+
+
+def _loss(model, users, items, labels, cfg) -> torch.Tensor:
+    """A batch's mean loss. BCE labels column 0 as 1 and the rest 0 (the NCF recipe); BPR
+    pushes column 0 above each negative."""
+    logits, norms = model(users, items, return_norms=True)
+    if cfg.loss == "bce":
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
+    else:
+        loss = -nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
+    if cfg.embedding_reg:
+        loss = loss + cfg.embedding_reg * norms
+    return loss
 
 
 def _checkpoint(model: nn.Module, cfg: TrainConfig, record: dict, checkpoint_dir, seed: int
                 ) -> None:
-    """Write the best weights so far (safetensors) and the epoch's record, atomically."""
-    if not checkpoint_dir:
+    """Write the best weights so far (safetensors) and the epoch's record, atomically (rank 0
+    only: every rank holds the same weights)."""
+    if not checkpoint_dir or not distributed.is_main():
         return
     from safetensors.torch import save_file
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bonmf_core.config import add_config_arguments
-from bonmf_core.errors import ConfigMismatchError, DataError, LeakageError
+from bonmf_core.errors import ConfigError, ConfigMismatchError, DataError, LeakageError
 
 # Loggers of the libraries underneath: WARNING unless -v (their INFO chatter buries the summary).
 QUIET_LOGGERS = ("alembic", "great_expectations", "bentoml", "dvc", "transformers", "timm",
@@ -239,7 +239,10 @@ def _stage(args) -> int:
         stages.run_validate(cfg, args.snapshot, args.out, args.report)
     elif args.stage == "encode":
         stages.run_encode(cfg, args.dataset, args.out)
-    elif args.stage == "train":
+    elif args.stage == "train":   # under torchrun: data-parallel, rank 0 writes
+        from bonmf_core import distributed
+
+        distributed.init()
         stages.run_train(cfg, args.dataset, args.features, args.model, args.fits)
     else:
         out = stages.run_evaluate(cfg, args.fits, args.out)
@@ -360,6 +363,13 @@ def _run(args) -> int:
         return _restore(args)
     if args.command == "params":
         return _params(args)
+    from bonmf_core import distributed
+
+    if distributed.world_size() > 1:   # N ranks would be N pipelines racing for one registry
+        raise ConfigError(f"`bonmf run` is one pipeline, not a data-parallel job "
+                          f"(WORLD_SIZE={distributed.world_size()}): start it without torchrun; "
+                          f"distributed training is `torchrun … bonmf stage train` "
+                          f"(docs/distributed-training.md)")
     cfg = build_config(args)
     from orchestration.main import run_pipeline  # imports Dagster: only for `run`
 
@@ -413,7 +423,7 @@ def _run(args) -> int:
         print(f"dvc:        not versioned — {versioned['reason']}")
     print(f"report:     {summary['report']['html']} (+ report.json, metrics.json/.md/.png)")
     print(f"candidate artifact: {candidate['artifact_path']}")
-    print(f"store:      {Path(summary['state_dir']) / 'bonmf.db'}")
+    print(f"store:      {summary['store']}")
     print(f"open the UI: {summary['ui']}")
     if args.out:
         out = Path(args.out)

@@ -34,7 +34,10 @@ def ui_command(state: Path, params_path: str | None = None) -> str:
     env = f"DAGSTER_HOME={Path(state) / 'dagster'} BONMF_STATE_DIR={state}"
     if params_path:
         env += f" BONMF_PARAMS={params_path}"
-    return f"{env} .venv/bin/dagster dev -m orchestration.definitions"
+    import sys
+
+    # the dagster beside this Python (a relative .venv/bin is wrong outside the repo root)
+    return f"{env} {Path(sys.executable).parent / 'dagster'} dev -m orchestration.definitions"
 
 
 def step_seconds(instance, run_id: str) -> dict[str, float]:
@@ -91,7 +94,14 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
 
     import dagster as dg
 
+    from bonmf_core.store.database import masked_url
+
+    # orchestration.definitions builds the UI's `defs` (its executor) from $BONMF_PARAMS at
+    # import: the run's own file, not a ./params.yaml this run does not use; step processes
+    # (pipeline.executor other than in_process) inherit it.
+    os.environ["BONMF_PARAMS"] = str(write_run_config(cfg, state))
     from .definitions import build_definitions
+    from .executors import execute_retrain
     from .resources import StoreResource
     from .run_health import host_tags, mark_dead_runs, record_failed_run
 
@@ -108,15 +118,17 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
     with dg.DagsterInstance.get() as instance:
         # Runs an earlier, killed `bonmf run` left STARTED are failed now, before this one.
         dead = mark_dead_runs(instance, StoreResource(url=store_url))
-        result = job.execute_in_process(
-            run_config=run_config,
-            instance=instance, raise_on_error=False,
+        # pipeline.executor: in-process, or rebuilt in step processes (orchestration/executors)
+        result = execute_retrain(
+            cfg, job, params_path=params_path, state_root=str(state), progress=progress,
+            run_config=run_config, instance=instance,
             tags={"bonmf/trigger": "cli", **host_tags(), **(tags or {})})
         seconds = time.perf_counter() - started
         summary: dict = {"success": result.success, "run_id": result.run_id,
                          "seconds": round(seconds, 3),
                          "steps": step_seconds(instance, result.run_id),
                          "state_dir": str(state), "dagster_home": os.environ["DAGSTER_HOME"],
+                         "store": masked_url(store_url),
                          "ui": ui_command(state, params_path),
                          "dead_runs_marked": [r["run_id"] for r in dead]}
         summary["checks"] = {

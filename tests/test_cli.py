@@ -50,7 +50,18 @@ def test_main_command_runs_the_graph_on_the_demo_default(tmp_path):
     # Production model, store, Dagster home (telemetry off) and demo pictures: all in the state dir.
     assert (state / "production" / "model" / "model.safetensors").exists()
     assert (state / "bonmf.db").exists() and (state / "demo").is_dir()
+    assert f"store:      sqlite:///{state / 'bonmf.db'}" in proc.stdout
     assert "enabled: false" in (state / "dagster" / "dagster.yaml").read_text()
+
+
+def test_bonmf_run_under_torchrun_is_refused_before_anything_runs(tmp_path):
+    # Two ranks of `bonmf run` would be two pipelines promoting into one registry.
+    state = tmp_path / "state"
+    proc = _bonmf("run", env_extra={"BONMF_STATE_DIR": str(state), "WORLD_SIZE": "2",
+                                    "RANK": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "WORLD_SIZE=2" in proc.stderr and "bonmf stage train" in proc.stderr
+    assert not state.exists()
 
 
 def test_bad_snapshot_fails_its_checks_with_status_1(tmp_path):

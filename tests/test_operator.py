@@ -448,3 +448,47 @@ def test_bonmf_serve_without_a_production_model_is_a_clear_error(tmp_path):
                                "BONMF_PARAMS": ""})
     assert done.returncode == 2 and "no production model" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_report_page_shows_slices_and_a_held_candidate_against_production(tmp_path):
+    """The page from synthetic results: per-slice rows where results carry slices, and a HOLD
+    with the production model's figure and the improvement against the margin."""
+    from bonmf_core.experiment.report import add_gate, write_report
+
+    def m(mean, std=0.01):
+        return {"mean": mean, "std": std}
+
+    results = {"protocol": "cold_items", "dataset": "demo-seed0", "seeds": [0, 1], "ks": [10],
+               "dataset_details": {"content_hash": "abc", "users": 3, "items": 4,
+                                   "interactions": 5},
+               "candidate": {"variant": "text"},
+               "results": {"pop": {"hr@10": m(0.2), "ndcg@10": m(0.1), "fit_s": m(0.0)},
+                           "text": {"hr@10": m(0.5), "ndcg@10": m(0.3125, 0.0205),
+                                    "fit_s": m(2.0),
+                                    "slices": {"head items": {"ndcg@10": m(0.4)},
+                                               "tail items": {"ndcg@10": m(0.05)}}}}}
+    curves = {"text seed 0": [{"epoch": 1, "loss": 0.7, "valid": 0.2},
+                              {"epoch": 2, "loss": 0.5, "valid": 0.3}]}
+    checks = [{"name": "catalog", "severity": "ERROR", "passed": True,
+               "description": "all expectations met", "failures": []},
+              {"name": "drift", "severity": "WARN", "passed": False,
+               "description": "volume changed", "failures": [{}, {}]}]
+    written = write_report(results, tmp_path / "r", curves=curves, checks=checks, run_id="r1")
+    page = Path(written["report"]["html"]).read_text()
+    assert "no decision recorded" in page and "run r1" in page
+    assert re.search(r"<td>text</td><td>tail items</td><td>ndcg@10</td>"
+                     r"<td class='num'>0\.0500 ± 0\.0100</td>", page)
+    assert "<td class='warn'>warning</td><td class='num'>2</td>" in page
+    gate = {"decision": "hold", "reason": "improvement 0.0025 is below the margin 0.01",
+            "candidate_version": 7, "production_version": 3,
+            "compared": {"primary_metric": "ndcg@10", "candidate": {"ndcg@10": 0.3125},
+                         "production": {"ndcg@10": 0.31}, "production_version": 3,
+                         "improvement": 0.0025, "min_improvement": 0.01,
+                         "baselines": {"pop": 0.1}}}
+    page = add_gate(tmp_path / "r", gate).read_text()
+    assert "Promotion gate: HOLD" in page and gate["reason"] in page
+    assert "<td>production before</td><td>3</td><td class='num'>0.3100</td>" in page
+    assert "<td class='num'>+0.0025</td>" in page
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["gate"] == gate and data["curves"] == curves
+    assert [c["failed_expectations"] for c in data["checks"]] == [0, 2]

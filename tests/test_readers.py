@@ -12,7 +12,8 @@ import pytest
 
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.errors import DataError
-from bonmf_core.data.readers import read_generic, read_movielens
+from bonmf_core.config import DataConfig
+from bonmf_core.data.readers import load_dataset, read_movielens
 
 # -- a small MovieLens-1M-format directory -------------------------------------------------
 
@@ -248,7 +249,7 @@ def test_save_load_round_trip(ml_dir, tmp_path):
     assert back.content_hash() == ds.content_hash()
 
 
-# -- generic CSV / Parquet ---------------------------------------------------------------
+# -- a generic data folder (through load_dataset, as every entry point reads it) -----------
 
 INTERACTIONS_CSV = """\
 who,what,stars,when
@@ -257,10 +258,10 @@ u1,a,3,2021-01-01 01:00:00
 u9,a,1,2021-01-02T00:00:00+01:00
 u2,007,5,2021-01-03 00:00:00
 """
-CATALOG_CSV = """\
+ITEMS_CSV = """\
 what,name,kind,picture,blurb
 a,Item A,x|y,img/a.jpg,"About A, with comma"
-007,Bond,spy,{abs},
+007,Bond,spy,,
 b,,z,,About B
 c,Catalog Only,,img/../c.png,About C
 """
@@ -271,137 +272,143 @@ u2,
 u9,old
 u5,old
 """
-GENERIC_KW = dict(user_col="who", item_col="what", rating_col="stars", timestamp_col="when",
-                  title_col="name", genres_col="kind", image_col="picture",
-                  text_cols=("blurb",), user_attribute_cols=("segment",), rating_scale=(1, 5))
+DESCRIPTION = """\
+name: shop
+rating_scale: [1, 5]
+columns: {user_id: who, item_id: what, rating: stars, timestamp: when, title: name,
+          genres: kind, image_path: picture, text: [blurb], user_attributes: [segment]}
+"""
+
+
+def _folder(root: Path, **files: str | bytes) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        name = name.replace("_", ".", 1) if name != "dataset_yaml" else "dataset.yaml"
+        (root / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return root
 
 
 @pytest.fixture
-def generic_csv(tmp_path) -> dict[str, Path]:
-    tmp_path = tmp_path.resolve()  # image paths come back resolved
-    (tmp_path / "shop").mkdir()
-    paths = {"interactions": tmp_path / "interactions.csv",
-             "catalog": tmp_path / "shop" / "catalog.csv",
-             "users": tmp_path / "users.csv"}
-    paths["interactions"].write_text(INTERACTIONS_CSV)
-    paths["catalog"].write_text(CATALOG_CSV.format(abs=tmp_path / "abs.jpg"))
-    paths["users"].write_text(USERS_CSV)
-    return paths
+def shop(tmp_path) -> Path:
+    return _folder(tmp_path.resolve() / "shop", interactions_csv=INTERACTIONS_CSV,
+                   items_csv=ITEMS_CSV, users_csv=USERS_CSV, dataset_yaml=DESCRIPTION)
 
 
-def test_generic_csv(generic_csv, tmp_path):
-    tmp_path = tmp_path.resolve()
-    ds = read_generic(**generic_csv, **GENERIC_KW)
-    assert ds.name == "interactions"
+def _load(folder: Path) -> Dataset:
+    return load_dataset(DataConfig(source=str(folder)))
+
+
+def test_generic_folder(shop):
+    ds = _load(shop)
+    assert ds.name == "shop"
     assert list(ds.item_ids) == ["b", "a", "007", "c"]  # '007' stays a string
-    assert list(ds.user_ids) == ["u9", "u1", "u2", "u5"]
     inter = ds.interactions
-    assert inter["user"].tolist() == [0, 1, 0, 2] and inter["item"].tolist() == [0, 1, 1, 2]
+    assert inter["item"].tolist() == [0, 1, 1, 2]
     assert inter["rating"].dtype == np.float32 and inter["rating"].tolist() == [4.5, 3, 1, 5]
     # naive datetimes are UTC; '+01:00' is converted
     assert inter["timestamp"].tolist() == [1609459200, 1609462800, 1609542000, 1609632000]
-    assert inter["timestamp"].dtype == np.int64
     items = ds.items.set_index("item_id")
-    assert items["title"].tolist() == ["b", "Item A", "Bond", "Catalog Only"]  # b: no title
+    assert items.loc["a", "title"] == "Item A" and items.loc["c", "title"] == "Catalog Only"
     assert items["genres"].tolist() == ["z", "x|y", "spy", ""]
-    assert items.loc["a", "image_path"] == str(tmp_path / "shop" / "img" / "a.jpg")
-    assert items.loc["c", "image_path"] == str(tmp_path / "shop" / "c.png")
-    assert items.loc["007", "image_path"] == str(tmp_path / "abs.jpg")
+    assert items.loc["a", "image_path"] == str(shop / "img" / "a.jpg")   # relative to the folder
+    assert items.loc["c", "image_path"] == str(shop / "c.png")           # '..' collapsed, inside
     assert pd.isna(items.loc["b", "image_path"])
     assert items["blurb"].tolist() == ["About B", "About A, with comma", "", "About C"]
-    assert ds.text_fields == ["blurb"]
-    assert ds.users["segment"].tolist() == ["old", "new", "", "old"]
+    users = ds.users.set_index("user_id")
+    assert users.loc["u1", "segment"] == "new" and users.loc["u5", "segment"] == "old"
     assert ds.rating_scale == (1, 5)
 
 
-def test_generic_parquet_matches_csv(generic_csv, tmp_path):
-    from_csv = read_generic(**generic_csv, **GENERIC_KW)
-    parquet = {}
-    for key, path in generic_csv.items():
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        if key == "interactions":
+def test_generic_parquet_matches_csv(shop, tmp_path):
+    from_csv = _load(shop)
+    parquet = _folder(tmp_path / "pq", dataset_yaml=DESCRIPTION.replace("name: shop",
+                                                                        "name: shop"))
+    for table in ("interactions", "items", "users"):
+        frame = pd.read_csv(shop / f"{table}.csv", dtype=str, keep_default_na=False,
+                            na_values=[""])
+        if table == "interactions":
             frame["stars"] = frame["stars"].astype(float)
             frame["when"] = pd.to_datetime(frame["when"], utc=True, format="mixed")
-        parquet[key] = path.with_suffix(".parquet" if key != "users" else ".pq")
-        frame.to_parquet(parquet[key], index=False)
-    from_parquet = read_generic(**parquet, **GENERIC_KW)
-    for attr in ("interactions", "items", "users"):
-        pd.testing.assert_frame_equal(getattr(from_parquet, attr), getattr(from_csv, attr))
+        frame.to_parquet(parquet / f"{table}.parquet", index=False)
+    (parquet / "img").mkdir()
+    from_parquet = _load(parquet)
+    pd.testing.assert_frame_equal(from_parquet.interactions, from_csv.interactions)
+    pd.testing.assert_frame_equal(from_parquet.users, from_csv.users)
+    assert (from_parquet.items.drop(columns="image_path")
+            .equals(from_csv.items.drop(columns="image_path")))
 
 
-def test_generic_minimal_tsv_parquet_int_ids(tmp_path):
-    path = tmp_path / "log.tsv"
-    path.write_text('user_id\titem_id\tts\n1\t"x\t100\n2\tNA\t200\n1\t"x\t300\n')
-    ds = read_generic(path, timestamp_col="ts", name="log")
-    assert ds.name == "log" and list(ds.item_ids) == ['"x', "NA"]
-    assert ds.items["title"].tolist() == ['"x', "NA"]
-    assert ds.items["genres"].tolist() == ["", ""] and ds.items["image_path"].isna().all()
+def test_generic_minimal_tsv_and_parquet_int_ids(tmp_path):
+    folder = _folder(tmp_path / "log", interactions_tsv='user_id\titem_id\tts\n1\t"x\t100\n'
+                                                         '2\tNA\t200\n1\t"x\t300\n',
+                     dataset_yaml="columns: {timestamp: ts}\n")
+    ds = _load(folder)
+    assert ds.name == "log" and list(ds.item_ids) == ['"x', "NA"]   # TSV quotes are data
+    assert ds.items["title"].tolist() == ['"x', "NA"] and ds.items["image_path"].isna().all()
     assert ds.interactions["timestamp"].tolist() == [100, 200, 300]
     assert "rating" not in ds.interactions and ds.rating_scale is None
-    pq = tmp_path / "ints.parquet"
-    pd.DataFrame({"user_id": [5, 3, 5], "item_id": [7, 8, 8]}).to_parquet(pq)
-    ds = read_generic(pq)
+    ints = tmp_path / "ints"
+    ints.mkdir()
+    pd.DataFrame({"user_id": [5, 3, 5], "item_id": [7, 8, 8]}).to_parquet(
+        ints / "interactions.parquet")
+    ds = _load(ints)
     assert list(ds.user_ids) == ["5", "3"] and list(ds.item_ids) == ["7", "8"]
 
 
-def _write(path: Path, text: str | bytes) -> Path:
-    path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    return path
-
-
-@pytest.mark.parametrize("file, content, kwargs, line, words", [
-    ("i.csv", "user,item_id\nu,a\n", {}, None,
-     ["column 'user_id' not found", "['user', 'item_id']"]),
-    ("i.csv", "user_id,item_id,r\nu,a,4\nu,b,four\n", {"rating_col": "r"}, 3,
+@pytest.mark.parametrize("content, description, line, words", [
+    ("user,item_id\nu,a\n", None, None, ["no 'user_id' column", "['user', 'item_id']"]),
+    ("user_id,item_id,r\nu,a,4\nu,b,four\n", "columns: {rating: r}", 3,
      ["field 'r'", "'four'"]),
-    ("i.csv", "user_id,item_id,r\nu,a,4\nu,b,\n", {"rating_col": "r"}, 3, ["field 'r'"]),
-    ("i.csv", "user_id,item_id,r\nu,a,4\nu,b,4\nu,c,10\n",
-     {"rating_col": "r", "rating_scale": (1, 5)}, 4, ["outside", "1-5"]),
-    ("i.csv", "user_id,item_id\nu,a\n,b\n", {}, 3, ["field 'user_id'", "missing"]),
-    ("i.csv", "user_id,item_id\nu,a\n\nu,b\n", {}, 3, ["field 'user_id'", "missing"]),
-    ("i.csv", "user_id,item_id,t\nu,a,2021-01-01\nu,b,yesterday\n", {"timestamp_col": "t"}, 3,
-     ["field 't'", "'yesterday'"]),
-    ("i.csv", "user_id,item_id,t\nu,a,100\nu,b,2021-01-01\n", {"timestamp_col": "t"}, 3,
-     ["field 't'", "'2021-01-01'"]),
-    ("i.csv", "user_id,item_id\nu,a\nu,b\nv,caf\xe9\n".encode("latin-1"), {}, 4, ["utf-8"]),
-    ("i.csv", "user_id,item_id\n", {}, None, ["no interactions"]),
-    ("i.csv", 'user_id,item_id\nu,a\nu,"b\n', {}, None, ["malformed CSV"]),
-    ("i.json", "{}", {}, None, ["unsupported file extension '.json'"]),
-    ("i.csv", "", {}, None, ["empty"]),
-    ("i.parquet", b"not parquet", {}, None, ["not a readable Parquet"]),
+    ("user_id,item_id,rating\nu,a,4\nu,b,\n", None, 3, ["field 'rating'"]),
+    ("user_id,item_id,rating\nu,a,4\nu,b,4\nu,c,10\n", "rating_scale: [1, 5]", 4,
+     ["outside the declared scale [1, 5]"]),
+    ("user_id,item_id\nu,a\n,b\n", None, 3, ["field 'user_id'", "missing"]),
+    ("user_id,item_id,timestamp\nu,a,2021-01-01\nu,b,yesterday\n", None, 3,
+     ["field 'timestamp'", "'yesterday'"]),
+    ("user_id,item_id\nu,a\nu,a\n", None, 3, ["appears more than once"]),
+    ("user_id,item_id\nu,a\nu,b\nv,caf\xe9\n".encode("latin-1") + "é".encode(), None, 4,
+     ["not valid utf-8", "byte offset"]),
+    ("user_id,item_id\n", None, None, ["holds no interactions"]),
+    ('user_id,item_id\nu,a\nu,"b\n', None, 3, ["does not parse as CSV"]),
+    ("", None, None, ["file is empty"]),
 ])
-def test_generic_malformed(tmp_path, file, content, kwargs, line, words):
-    path = _write(tmp_path / file, content)
+def test_generic_malformed(tmp_path, content, description, line, words):
+    files = {"interactions_csv": content}
+    if description:
+        files["dataset_yaml"] = description + "\n"
     with pytest.raises(DataError) as info:
-        read_generic(path, **kwargs)
+        _load(_folder(tmp_path / "d", **files))
     message = str(info.value)
-    assert file in message and info.value.line == line
+    assert "interactions.csv" in message and info.value.line == line, message
     for word in words:
         assert word in message
 
 
+def test_generic_unreadable_parquet(tmp_path):
+    with pytest.raises(DataError, match="interactions.parquet"):
+        _load(_folder(tmp_path / "d", interactions_parquet=b"not parquet"))
+
+
 def test_generic_catalog_and_users_errors(tmp_path):
-    inter = _write(tmp_path / "i.csv", "user_id,item_id\nu,a\nu,b\nv,z\n")
-    catalog = _write(tmp_path / "c.csv", "item_id,title\na,A\nb,B\n")
-    with pytest.raises(DataError, match=r"i\.csv, line 4, field 'item_id': id 'z' is not in "):
-        read_generic(inter, catalog)
-    dup = _write(tmp_path / "d.csv", "item_id,title\na,A\nb,B\nz,Z\na,A2\n")
-    with pytest.raises(DataError, match=r"d\.csv, line 5, field 'item_id'.*more than once"):
-        read_generic(inter, dup)
-    untitled = _write(tmp_path / "u.csv", "item_id,name\na,A\nb,B\nz,Z\n")
-    with pytest.raises(DataError, match=r"u\.csv.*'title' not found.*\['item_id', 'name'\]"):
-        read_generic(inter, untitled)
-    users = _write(tmp_path / "users.csv", "user_id,age\nu,3\n")
-    with pytest.raises(DataError, match=r"i\.csv, line 4, field 'user_id': id 'v' is not in"):
-        read_generic(inter, users=users)
-    with pytest.raises(DataError, match=r"users\.csv.*'segment' not found"):
-        read_generic(inter, users=users, user_attribute_cols=["segment"])
-    with pytest.raises(DataError, match=r"nope\.csv.*missing"):
-        read_generic(inter, tmp_path / "nope.csv")
-    pq = tmp_path / "p.parquet"
-    pd.DataFrame({"user_id": ["u", None], "item_id": ["a", "b"]}).to_parquet(pq)
-    with pytest.raises(DataError, match=r"p\.parquet, field 'user_id': row 2: id is missing"):
-        read_generic(pq)
+    inter = "user_id,item_id\nu,a\nu,b\nv,z\n"
+    with pytest.raises(DataError, match=r"interactions\.csv, line 4, field 'item_id': item 'z' "
+                                        r"is not in the catalog"):
+        _load(_folder(tmp_path / "a", interactions_csv=inter, items_csv="item_id,title\na,A\nb,B\n"))
+    with pytest.raises(DataError, match=r"items\.csv, line 5, field 'item_id'.*more than once"):
+        _load(_folder(tmp_path / "b", interactions_csv=inter,
+                      items_csv="item_id,title\na,A\nb,B\nz,Z\na,A2\n"))
+    untitled = _load(_folder(tmp_path / "c", interactions_csv=inter,
+                             items_csv="item_id,name\na,A\nb,B\nz,Z\n"))
+    assert untitled.items["title"].tolist() == ["a", "b", "z"]   # shown by id
+    with pytest.raises(DataError, match=r"interactions\.csv, line 4, field 'user_id': user 'v' "
+                                        r"is not in the users table"):
+        _load(_folder(tmp_path / "d", interactions_csv=inter, users_csv="user_id,age\nu,3\n"))
+    with pytest.raises(DataError, match=r"user attribute column 'segment' not found"):
+        _load(_folder(tmp_path / "e", interactions_csv=inter, users_csv="user_id,age\nu,3\nv,4\n",
+                      dataset_yaml="columns: {user_attributes: [segment]}\n"))
+    with pytest.raises(DataError, match="outside the dataset folder"):
+        _load(_folder(tmp_path / "f", interactions_csv=inter,
+                      items_csv=f"item_id,title,image_path\na,A,\nb,B,\nz,Z,{tmp_path}/x.jpg\n"))
 
 
 # -- the real MovieLens-1M ------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from bonmf_core.hashing import sha256_json
 from bonmf_core.store.schema import Embedding, Encoder
@@ -39,7 +40,13 @@ class EmbeddingCache:
         self.store = store
 
     def register(self, identity: dict, dim: int, preprocessing: dict | None = None) -> str:
-        """Record an encoder (idempotent) and return its key."""
+        """Record an encoder (idempotent, also against a concurrent writer) and return its key."""
+        try:
+            return self._register(identity, dim, preprocessing)
+        except IntegrityError:   # another process inserted the same encoder first: now it exists
+            return self._register(identity, dim, preprocessing)
+
+    def _register(self, identity: dict, dim: int, preprocessing: dict | None) -> str:
         key = encoder_key(identity)
         with self.store.session() as s:
             row = s.get(Encoder, key)
@@ -79,7 +86,10 @@ class EmbeddingCache:
         rows = [{"encoder_key": key, "content_hash": h, "present": bool(p),
                  "vector": np.ascontiguousarray(v, np.float32).tobytes()}
                 for h, v, p in zip(hashes, vectors, present)]
-        rows = list({r["content_hash"]: r for r in rows}.values())
+        # One row per hash, in hash order: concurrent writers of overlapping keys then wait on
+        # each other's rows in the same order and never deadlock (PostgreSQL row locks).
+        rows = sorted({r["content_hash"]: r for r in rows}.values(),
+                      key=lambda r: r["content_hash"])
         if not rows:
             return 0
         insert = _insert(self.store)

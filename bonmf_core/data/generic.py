@@ -102,8 +102,13 @@ def read_raw_generic(folder: Path, data: DataConfig):
             return None
         frame, lines, found = _read(path, data.encoding)
         problems.update(found)
-        origins[name] = {"file": path.name, "lines": lines}
-        return frame.rename(columns=lambda c: str(c).strip())
+        frame = frame.rename(columns=lambda c: str(c).strip())
+        # the file's own column names, so a strict error names what the user wrote
+        origins[name] = {"file": path.name, "lines": lines, "found": list(frame.columns),
+                         "columns": {"user_id": cols.user_id, "item_id": cols.item_id,
+                                     "rating": cols.rating, "timestamp": cols.timestamp,
+                                     "title": cols.title, "image_path": cols.image_path}}
+        return frame
 
     inter = table("interactions", required=True)
     interactions = pd.DataFrame({
@@ -133,15 +138,21 @@ def _ids(col: pd.Series) -> pd.Series:
 
 
 def _seconds_or_text(col: pd.Series) -> pd.Series:
-    """Integer seconds as they are; ISO-8601 datetimes (naive = UTC) as epoch seconds when
-    every value parses; otherwise the text, for the checks to report."""
+    """Integer seconds as they are; ISO-8601 datetimes (naive = UTC) as epoch seconds. A cell
+    that is neither stays as written, so the checks name exactly that line."""
     num = _numeric_or_text(col, integer=True)
     if num.dtype.kind in "if" or not len(col):
         return num
-    dt = pd.to_datetime(col.str.strip(), errors="coerce", utc=True, format="ISO8601")
-    if dt.notna().all():
-        return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype(np.int64)
-    return num
+    text = col.str.strip()
+    seconds = pd.to_numeric(text, errors="coerce")
+    dt = pd.to_datetime(text.where(seconds.isna()), errors="coerce", utc=True, format="ISO8601")
+    from_dt = (dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    seconds = seconds.fillna(from_dt)
+    if seconds.notna().all():
+        return seconds.astype(np.int64)
+    # One type per column (Parquet): the parseable cells as their seconds, written as text.
+    as_text = seconds.map(lambda v: "" if pd.isna(v) else str(int(v)))
+    return _str(np.where(seconds.notna(), as_text, col).astype(str))
 
 
 def _items(frame: pd.DataFrame | None, interactions: pd.DataFrame, cols: ColumnsConfig,
@@ -156,6 +167,8 @@ def _items(frame: pd.DataFrame | None, interactions: pd.DataFrame, cols: Columns
         items["item_id"] = _ids(frame[cols.item_id]).to_numpy()
     if cols.title in frame.columns:
         items["title"] = _text(frame[cols.title]).to_numpy()
+    elif "item_id" in items:   # an untitled catalog is still recommendable: show the id
+        items["title"] = items["item_id"].fillna("").to_numpy()
     items["genres"] = (_text(frame[cols.genres]).to_numpy()
                        if cols.genres and cols.genres in frame.columns else "")
     items["image_path"] = _str([resolve_image_path(v, folder) for v in frame[cols.image_path]]

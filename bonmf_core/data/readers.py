@@ -1,7 +1,8 @@
 """Readers that turn files on disk into a `Dataset`.
 
-Two sources: the MovieLens-1M directory format (`read_movielens`) and a user's own CSV/Parquet
-tables (`read_generic`). Every problem with the input surfaces as a `DataError` naming the file
+`read_movielens` reads the MovieLens-1M directory format strictly; `load_dataset` reads any
+source the `data` section names (a user's own folder goes through `generic.py`'s reader and the
+strict build of `snapshot.py`, the one implementation the checked path uses too). Every problem with the input surfaces as a `DataError` naming the file
 and the line (or row) and field, never as a pandas traceback, because the person who can fix
 the file is usually not the person who can read one.
 """
@@ -304,22 +305,6 @@ def _ml_users(users: _Table | None, user_numbers: pd.Series,
     return frame
 
 
-# -- generic CSV / Parquet -----------------------------------------------------------------
-
-def _read_table(path: Path, encoding: str) -> _Table:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        _require_file(path)
-        try:
-            return _Table(pd.read_parquet(path), path, first_line=None)
-        except (OSError, ValueError) as e:
-            raise DataError(f"not a readable Parquet file: {e}", path=path) from None
-    if suffix not in (".csv", ".tsv"):
-        raise DataError(f"unsupported file extension '{path.suffix}' "
-                        "(use .csv, .tsv, .parquet or .pq)", path=path)
-    return _read_csv(path, encoding, tsv=suffix == ".tsv")
-
-
 def _read_csv(path: Path, encoding: str, tsv: bool = False) -> _Table:
     text = decode_text(_read_bytes(path), path, encoding).rstrip("\n")
     if not text:
@@ -334,128 +319,6 @@ def _read_csv(path: Path, encoding: str, tsv: bool = False) -> _Table:
         raise DataError(f"malformed {'TSV' if tsv else 'CSV'}: {e}", path=path) from None
     # Line numbers count the header as line 1; they drift only after quoted multi-line cells.
     return _Table(frame, path, first_line=2)
-
-
-def _seconds(t: _Table, name: str) -> pd.Series:
-    """Integer seconds, or datetimes (naive ones taken as UTC) -> int64 epoch seconds."""
-    col = t.column(name)
-    row = _first(col.isna().to_numpy())
-    if row is not None:
-        raise t.error("timestamp is missing", row, name)
-    # The first value decides the kind, so an error points at the odd row out, not at row 1.
-    first_is_number = pd.notna(pd.to_numeric(col.iloc[:1], errors="coerce")).all()
-    if first_is_number and not pd.api.types.is_datetime64_any_dtype(col):
-        return np.floor(_numbers(t, name, integer=False)).astype(np.int64)
-    dt = pd.to_datetime(col, errors="coerce", utc=True, format="ISO8601")
-    if dt.isna().any():  # not ISO 8601 throughout: let pandas infer one format from row 1
-        dt = pd.to_datetime(col, errors="coerce", utc=True)
-    row = _first(dt.isna().to_numpy())
-    if row is not None:
-        raise t.error(f"{_show(col.iloc[row])} is neither integer seconds nor a datetime in the "
-                      "format of the column's first value", row, name)
-    return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype(np.int64)
-
-
-def _image_paths(paths: pd.Series, base: Path) -> list[str | None]:
-    """Paths relative to the catalog file's folder made absolute; URLs kept as they are."""
-    base = base.resolve()
-    return [None if pd.isna(p) or not str(p) else
-            str(p) if "://" in str(p) else os.path.abspath(base / str(p))
-            for p in paths]
-
-
-def read_generic(interactions: str | Path, catalog: str | Path | None = None,
-                 users: str | Path | None = None, *, user_col: str = "user_id",
-                 item_col: str = "item_id", rating_col: str | None = None,
-                 timestamp_col: str | None = None, title_col: str = "title",
-                 genres_col: str | None = None, image_col: str | None = None,
-                 text_cols: tuple[str, ...] | list[str] = (),
-                 user_attribute_cols: tuple[str, ...] | list[str] = (),
-                 rating_scale: tuple[float, float] | None = None, name: str | None = None,
-                 encoding: str = "utf-8") -> Dataset:
-    """Read a user's own interactions (+ optional catalog and user table), CSV/TSV/Parquet.
-
-    The format follows the extension. `item_col` names the item id in both interactions and
-    catalog, `user_col` the user id in both interactions and users. Items are indexed by first
-    appearance in the interactions, then catalog-only items in catalog order; users likewise.
-    Every interaction must refer to a catalog item / a user of the users file when given.
-    """
-    inter = _read_table(Path(interactions), encoding)
-    if inter.frame.empty:
-        raise inter.error("holds no interactions")
-    user_raw, item_raw = _ids(inter, user_col), _ids(inter, item_col)
-    columns = {}
-    if rating_col is not None:
-        rating = _numbers(inter, rating_col, integer=False)
-        if rating_scale is not None:
-            _check_scale(inter, rating, rating_col, rating_scale)
-        columns["rating"] = rating.to_numpy(dtype=np.float32)
-    if timestamp_col is not None:
-        columns["timestamp"] = _seconds(inter, timestamp_col).to_numpy(dtype=np.int64)
-
-    if catalog is not None:
-        cat = _read_table(Path(catalog), encoding)
-        cat_ids = _ids(cat, item_col)
-        _unique_ids(cat, cat_ids, item_col)
-        _known(inter, item_raw, cat_ids, item_col, cat.path)
-        item_ids = _index(item_raw, extra=cat_ids)
-        items = _generic_items(cat, cat_ids, item_ids, title_col, genres_col, image_col,
-                               text_cols)
-    else:
-        item_ids = _index(item_raw)
-        n = len(item_ids)
-        items = pd.DataFrame({"item_id": _str_column(item_ids), "title": _str_column(item_ids),
-                              "genres": _str_column("", n), "image_path": _str_column(None, n)})
-
-    if users is not None:
-        ut = _read_table(Path(users), encoding)
-        listed = _ids(ut, user_col)
-        _unique_ids(ut, listed, user_col)
-        attributes = {c: ut.column(c) for c in user_attribute_cols}
-        _known(inter, user_raw, listed, user_col, ut.path)
-        user_ids = _index(user_raw, extra=listed)
-        user_frame = pd.DataFrame({"user_id": _str_column(user_ids)})
-        for c, values in attributes.items():
-            values = values.set_axis(listed.to_numpy()).reindex(user_ids)
-            user_frame[c] = _str_column(values.astype(str).where(values.notna(), "").to_numpy())
-    else:
-        user_ids = _index(user_raw)
-        user_frame = pd.DataFrame({"user_id": _str_column(user_ids)})
-
-    frame = pd.DataFrame({
-        "user": pd.Index(user_ids).get_indexer(user_raw.to_numpy()).astype(np.int64),
-        "item": pd.Index(item_ids).get_indexer(item_raw.to_numpy()).astype(np.int64),
-        **columns,
-    })
-    return Dataset(name=name or Path(interactions).stem, interactions=frame, items=items,
-                   users=user_frame, rating_scale=rating_scale)
-
-
-def _generic_items(cat: _Table, cat_ids: pd.Series, item_ids: np.ndarray, title_col: str,
-                   genres_col: str | None, image_col: str | None,
-                   text_cols) -> pd.DataFrame:
-    def column(name: str) -> pd.Series:  # catalog column in item index order
-        values = cat.column(name).set_axis(cat_ids.to_numpy()).reindex(item_ids)
-        return values.reset_index(drop=True)
-
-    def text(name: str | None) -> pd.Series:
-        if name is None:
-            return _str_column("", len(item_ids))
-        values = column(name)
-        return _str_column(values.astype(str).where(values.notna(), "").to_numpy())
-
-    titles = column(title_col)
-    items = pd.DataFrame({
-        "item_id": _str_column(item_ids),
-        # An item without a title is still recommendable; show its id rather than nothing.
-        "title": _str_column([i if pd.isna(t) else str(t) for i, t in zip(item_ids, titles)]),
-        "genres": text(genres_col),
-        "image_path": _str_column(_image_paths(column(image_col), cat.path.parent)
-                                  if image_col else [None] * len(item_ids)),
-    })
-    for c in text_cols:
-        items[c] = text(c)
-    return items
 
 
 def load_dataset(data) -> Dataset:

@@ -222,12 +222,23 @@ def strict_dataset(raw: RawTables) -> Dataset:
         first = found["examples"][0]
         raise DataError(f"{first['problem']} ({found['malformed_lines']} line(s) do not parse)",
                         path=Path(raw.root or ".") / file, line=first["line"])
+    _require_structure(raw)
     for column in ("rating", "timestamp"):
         values = raw.interactions.get(column)
         if values is not None and values.dtype.kind not in "if":
             row = int(np.argmax(pd.to_numeric(values, errors="coerce").isna().to_numpy()))
+            expected = ("epoch seconds or an ISO 8601 datetime" if column == "timestamp"
+                        else "a number")
             raise _row_error(raw, "interactions", row, column,
-                             f"expected a number, found {values.iloc[row]!r}")
+                             f"expected {expected}, found {values.iloc[row]!r}")
+    if raw.rating_scale is not None and "rating" in raw.interactions:
+        low, high = raw.rating_scale
+        outside = ~raw.interactions["rating"].between(low, high).to_numpy()
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise _row_error(raw, "interactions", row, "rating",
+                             f"rating {raw.interactions['rating'].iloc[row]:g} is outside "
+                             f"the declared scale [{low:g}, {high:g}]")
     for row, path in enumerate(raw.items.get("image_path", [])):
         reason = outside_reason(path, raw.root)
         if reason:
@@ -235,10 +246,49 @@ def strict_dataset(raw: RawTables) -> Dataset:
     return dataset_from_raw(raw)
 
 
+def _require_structure(raw: RawTables) -> None:
+    """Columns present, ids present, catalog ids unique, some interactions: what the blocking
+    checks ask of the structure, as the first DataError (named by file and line)."""
+    tables = (("interactions", raw.interactions, ("user_id", "item_id")),
+              ("items", raw.items, ("item_id", "title")),
+              ("users", raw.users, ("user_id",)))
+    for table, frame, required in tables:
+        if frame is None:
+            continue
+        origin = raw.origins.get(table, {})
+        where = Path(raw.root or ".") / origin["file"] if origin else None
+        for column in required:
+            if column not in frame.columns:
+                given = origin.get("columns", {}).get(column, column)
+                raise DataError(f"no '{given}' column; columns found: "
+                                f"{origin.get('found', list(frame.columns))}", path=where,
+                                field=given)
+            missing = frame[column].isna().to_numpy()
+            if missing.any():
+                raise _row_error(raw, table, int(np.argmax(missing)), column,
+                                 f"missing {column}")
+        if table != "interactions":
+            repeated = frame[required[0]].duplicated().to_numpy()
+            if repeated.any():
+                row = int(np.argmax(repeated))
+                raise _row_error(raw, table, row, required[0],
+                                 f"{required[0]} {frame[required[0]].iloc[row]!r} appears "
+                                 f"more than once")
+    key = [c for c in ("user_id", "item_id", "timestamp") if c in raw.interactions.columns]
+    repeated = raw.interactions.duplicated(subset=key).to_numpy()
+    if repeated.any():   # the same pair at another time is a repeat interaction, kept
+        raise _row_error(raw, "interactions", int(np.argmax(repeated)), "item_id",
+                         f"the same ({', '.join(key)}) appears more than once")
+    if raw.interactions.empty:
+        raise DataError("holds no interactions", path=Path(raw.root or ".") / raw.origins.get(
+            "interactions", {}).get("file", "."))
+
+
 def _row_error(raw: RawTables, table: str, row: int, column: str, message: str) -> DataError:
     origin = raw.origins.get(table)
     if origin is None:
         return DataError(f"{table} row {row + 1}: {message}", field=column)
+    column = origin.get("columns", {}).get(column) or column   # the name in the user's file
     if origin["lines"] is None:
         return DataError(f"row {row + 1}: {message}", path=Path(raw.root or ".") / origin["file"],
                          field=column)
@@ -260,8 +310,10 @@ def dataset_from_raw(raw: RawTables) -> Dataset:
         raise DataError("catalog item ids must be unique", field="item_id")
     catalog_pos = pd.Index(items["item_id"].astype(str)).get_indexer(item_index)
     if (catalog_pos < 0).any():
-        raise DataError(f"interactions name item {item_index[np.argmax(catalog_pos < 0)]!r} "
-                        "that is not in the catalog", field="item_id")
+        unknown = ~inter_items.isin(set(items["item_id"].astype(str))).to_numpy()
+        row = int(np.argmax(unknown))
+        raise _row_error(raw, "interactions", row, "item_id",
+                         f"item {inter_items.iloc[row]!r} is not in the catalog")
     items = items.iloc[catalog_pos].reset_index(drop=True)
 
     inter_users = inter["user_id"].astype(str)
@@ -282,8 +334,9 @@ def dataset_from_raw(raw: RawTables) -> Dataset:
     u = user_index.get_indexer(inter_users)
     i = item_index.get_indexer(inter_items)
     if (u < 0).any():
-        raise DataError(f"interactions name user {inter_users.iloc[int(np.argmax(u < 0))]!r} "
-                        "that is not in the users table", field="user_id")
+        row = int(np.argmax(u < 0))
+        raise _row_error(raw, "interactions", row, "user_id",
+                         f"user {inter_users.iloc[row]!r} is not in the users table")
     frame = pd.DataFrame({"user": u.astype(np.int64), "item": i.astype(np.int64)})
     if "rating" in inter.columns:
         frame["rating"] = pd.to_numeric(inter["rating"]).to_numpy(dtype=np.float32)

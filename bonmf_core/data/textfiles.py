@@ -116,7 +116,9 @@ def split_csv(text: str, path: Path, delimiter: str = ",") -> Records:
     # the csv module refuses cells over 128 KiB; a whole file is the only sane bound here (a
     # 1 MB synopsis is odd, not malformed)
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    # TSV has no quoting convention (IANA text/tab-separated-values): quotes there are data
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True, quoting=quoting)
     try:
         header = next(reader)
     except StopIteration:

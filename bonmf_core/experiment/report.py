@@ -155,7 +155,10 @@ def curves_chart(curves: dict[str, list[dict]], metric: str, path: str | Path) -
             valid_ax.plot(*zip(*valid), marker="o", color=f"C{i}", label=name)
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss")
     valid_ax.set(title=f"validation {metric}", xlabel="epoch", ylabel=metric)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (loss_ax, valid_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
         ax.grid(alpha=0.3)
         if curves:
             ax.legend(fontsize=7)
@@ -275,9 +278,10 @@ def _gate_html(gate: dict | None) -> str:
     rows = [f"<h2>Promotion gate: {_e(gate['decision'].upper())}</h2>",
             f"<p>{_e(gate['reason'])}</p><table>",
             f"<tr><th></th><th>model version</th><th>{_e(metric or 'primary metric')}</th></tr>",
-            f"<tr><td>candidate</td><td>{_e(gate.get('candidate_version'))}</td>"
+            f"<tr><td>candidate</td><td>{_version(gate.get('candidate_version'))}</td>"
             f"<td class='num'>{_num((compared.get('candidate') or {}).get(metric))}</td></tr>",
-            f"<tr><td>production before</td><td>{_e(compared.get('production_version'))}</td>"
+            f"<tr><td>production before</td><td>{_version(compared.get('production_version'))}"
+            f"</td>"
             f"<td class='num'>{_num(production.get(metric))}</td></tr>"]
     if "improvement" in compared:
         rows.append(f"<tr><td>improvement</td><td>margin {compared['min_improvement']:g}</td>"
@@ -290,6 +294,10 @@ def _gate_html(gate: dict | None) -> str:
                     f"<td class='num {'ok' if floor['ok'] else 'fail'}'>"
                     f"{floor['value']:.4f}</td></tr>")
     return "\n".join(rows) + "</table>"
+
+
+def _version(value) -> str:
+    return "none" if value is None else _e(value)
 
 
 def _num(value) -> str:

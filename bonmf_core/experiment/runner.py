@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from bonmf_core import distributed
 from bonmf_core.atomic import write_json
 from bonmf_core.config import BonmfConfig
 from bonmf_core.data.dataset import Dataset
@@ -40,6 +41,8 @@ def fit_spec(variant: str, dataset_hash: str, split: Split, cfg: BonmfConfig, se
             "split": split.describe(), "features": {m: feature_ids.get(m) for m in used},
             "train": schedule.model_dump(mode="json"), "metric": cfg.train.metric,
             "model": cfg.model.model_dump(mode="json") if variant not in BASELINES else None}
+    if distributed.enabled():   # a DDP fit is not bit-identical to the one-process fit
+        spec["world_size"] = distributed.world_size()
     return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
 
@@ -56,14 +59,18 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     spec = fit_spec(variant, dataset_hash, split, cfg, seed, feature_ids)
     key = sha256_json(spec)[:20]
     folder = Path(cache_root) / key if cache_root else None
-    if folder is not None and (folder / "result.json").exists():
-        result = json.loads((folder / "result.json").read_text())
-        if result.get("artifact_path") is None or Path(result["artifact_path"]).exists():
-            result["reused"] = True
-            return result
+    # Under torchrun rank 0 decides (its cache may be the only one), the others follow.
+    cached = distributed.on_main(lambda: _cached(folder))
+    if cached is not None:
+        return cached
     started = time.perf_counter()
-    scorer, train_result = fit_variant(variant, dataset, split, cfg, seed, features)
+    if distributed.is_main() or variant == "bpr" or variant not in BASELINES:
+        scorer, train_result = fit_variant(variant, dataset, split, cfg, seed, features)
+    else:   # a baseline without SGD: rank 0 alone fits it
+        scorer, train_result = None, None
     fit_s = time.perf_counter() - started
+    if not distributed.is_main():   # rank 0 evaluates and saves; the others wait for its record
+        return {**distributed.broadcast(None), "scorer": scorer}
     t0 = time.perf_counter()
     metrics = evaluate(scorer, split, "test", tuple(cfg.protocol.ks))
     metrics.update(fit_s=fit_s, eval_s=time.perf_counter() - t0)
@@ -80,8 +87,18 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
             result["artifact_path"] = str(_save(folder / "model", scorer, dataset, cfg, result))
         write_json(folder / "result.json", result)
     result["reused"] = False
+    distributed.broadcast(result)
     result["scorer"] = scorer   # in memory only (not in result.json)
     return result
+
+
+def _cached(folder: Path | None) -> dict | None:
+    if folder is not None and (folder / "result.json").exists():
+        result = json.loads((folder / "result.json").read_text())
+        if result.get("artifact_path") is None or Path(result["artifact_path"]).exists():
+            result["reused"] = True
+            return result
+    return None
 
 
 def _save(path: Path, scorer, dataset: Dataset, cfg: BonmfConfig, result: dict) -> Path:
@@ -180,7 +197,8 @@ def run_protocol(dataset: Dataset, cfg: BonmfConfig, variants=None,
                               cfg.pipeline.candidates + cfg.pipeline.baselines)
     started = time.perf_counter()
     wanted = sorted({m for v in variants for m in modalities_of(v)} - {"id"})
-    features, feature_report = content_features(dataset, wanted, cfg.encoders)
+    with distributed.main_first():   # under torchrun rank 0 fills the embedding cache
+        features, feature_report = content_features(dataset, wanted, cfg.encoders)
     splits = make_splits(dataset, cfg.protocol)
     dataset_hash = dataset.content_hash()
     fits = run_fits(variants, dataset, splits, cfg, features, dataset_hash=dataset_hash,

@@ -227,7 +227,9 @@ def run_encode(cfg: BonmfConfig, dataset_dir: str | Path, out: str | Path) -> di
 def run_train(cfg: BonmfConfig, dataset_dir: str | Path, features_dir: str | Path,
               model_out: str | Path, fits_out: str | Path) -> dict:
     """Every candidate and baseline on every seed; the best candidate's model copied to
-    `model_out`; every fit's metrics and the candidate's training history in `fits_out`."""
+    `model_out`; every fit's metrics and the candidate's training history in `fits_out`.
+    Under torchrun the fits train data-parallel and only rank 0 writes."""
+    from bonmf_core import distributed
     from bonmf_core.atomic import atomic_dir, write_json
     from bonmf_core.data.dataset import Dataset
     from bonmf_core.data.splits import make_splits
@@ -248,10 +250,12 @@ def run_train(cfg: BonmfConfig, dataset_dir: str | Path, features_dir: str | Pat
                     cache_root=state_dir() / "training")
     chosen = choose_candidate([f for f in fits if f["variant"] in candidates], candidates,
                               cfg.train.metric)
-    with atomic_dir(model_out) as tmp:
-        shutil.copytree(chosen["fit"]["artifact_path"], tmp, dirs_exist_ok=True)
+    if distributed.is_main():
+        with atomic_dir(model_out) as tmp:
+            shutil.copytree(chosen["fit"]["artifact_path"], tmp, dirs_exist_ok=True)
     results = aggregate(fits)
     record = {
+        "world_size": distributed.world_size(),
         "split_descriptions": [s.describe() for s in splits],
         "dataset": dataset_info(dataset, dataset_dir, snapshot_hash=None),
         "candidate": {"variant": chosen["variant"], "seed": chosen["fit"]["seed"],
@@ -260,7 +264,8 @@ def run_train(cfg: BonmfConfig, dataset_dir: str | Path, features_dir: str | Pat
         "curve": training_curve(chosen["fit"], cfg.train.metric),
         "fits": [strip_fit(f) for f in fits],
     }
-    write_json(fits_out, record)
+    if distributed.is_main():
+        write_json(fits_out, record)
     return record
 
 

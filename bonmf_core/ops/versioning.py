@@ -59,6 +59,12 @@ def remote_url(settings: DvcConfig, state: Path) -> str:
         Path(state).resolve() / DEFAULT_REMOTE_DIR)
 
 
+def remote_endpoint(settings: DvcConfig) -> str | None:
+    """An s3:// remote's endpoint: `dvc.endpoint_url`, else `BONMF_DVC_ENDPOINT_URL`; None =
+    the provider's own (AWS). Credentials stay in the environment (AWS_ACCESS_KEY_ID, …)."""
+    return settings.endpoint_url or os.environ.get("BONMF_DVC_ENDPOINT_URL") or None
+
+
 # -- the workspace ----------------------------------------------------------------------------
 
 def find_repo(settings: DvcConfig, state: Path) -> Path | None:
@@ -139,13 +145,19 @@ def run_git(repo: Path, *args: str, check: bool = True,
 def configure_remote(repo: Path, state: Path, settings: DvcConfig) -> str:
     """Make the configured remote the workspace's default (in `.dvc/config.local`, which is
     not committed: each clone points at its own storage). → the remote's URL."""
-    url = remote_url(settings, state)
+    url, endpoint = remote_url(settings, state), remote_endpoint(settings)
     local = Path(repo) / ".dvc" / "config.local"
     wanted = [f"['remote \"{settings.remote_name}\"']", f"url = {url}",
-              f"remote = {settings.remote_name}"]
+              f"remote = {settings.remote_name}", *([f"endpointurl = {endpoint}"] if endpoint
+                                                   else [])]
     text = local.read_text() if local.exists() else ""
-    if not all(line in text for line in wanted):
+    stale_endpoint = endpoint is None and "endpointurl =" in text
+    if stale_endpoint or not all(line in text for line in wanted):
+        # --force replaces the whole section, so an endpoint no longer configured goes too.
         run_dvc(repo, state, "remote", "add", "--local", "--force", settings.remote_name, url)
+        if endpoint:
+            run_dvc(repo, state, "remote", "modify", "--local", settings.remote_name,
+                    "endpointurl", endpoint)
         run_dvc(repo, state, "remote", "default", "--local", settings.remote_name)
     return url
 
@@ -354,6 +366,7 @@ def missing_in_remote(repo: Path, state: Path, settings: DvcConfig, hashes: dict
     with Repo(str(repo), config={"core": {"site_cache_dir": dvc_env(state)[
             "DVC_SITE_CACHE_DIR"]}}) as dvc_repo:
         odb = dvc_repo.cloud.get_remote_odb(settings.remote_name, hash_name="md5")
+        _check_readable(odb, settings, state)
         for name, entry in hashes.items():
             oid = entry["md5"]
             if not odb.exists(oid):
@@ -364,6 +377,19 @@ def missing_in_remote(repo: Path, state: Path, settings: DvcConfig, hashes: dict
             missing += [f"{name}/{e['relpath']} ({e['md5']})" for e in listing
                         if e["md5"] not in present]
     return missing
+
+
+def _check_readable(odb, settings: DvcConfig, state: Path) -> None:
+    """`odb.exists` (fsspec's isfile) answers False on any error, so refused credentials
+    would read as "the remote lacks every object": ask once in a way that raises."""
+    try:
+        odb.fs.exists(odb.path)
+    except Exception as exc:   # PermissionError, botocore/network errors: all mean "unreadable"
+        raise VersioningError(
+            f"cannot read the remote '{settings.remote_name}' ({remote_url(settings, state)}): "
+            f"{type(exc).__name__}: {exc}. Check its URL, dvc.endpoint_url and the "
+            f"credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for "
+            f"s3://). Nothing was changed.") from None
 
 
 def restore(repo: Path, state: Path, settings: DvcConfig, hashes: dict, label: str) -> dict:

@@ -5,6 +5,9 @@ its layout is described there) once and answers recommend / recommend_for_items 
 similar_items / score_new_item / metadata with raw ids and titles. Every score comes from the
 model's own methods (`BoNMF.score_sides`, `fold_in`, `content_item_vectors`), so serving
 follows any change of the model's head; the item and user sides are prepared once at load.
+A catalog of at least `serving.ann_min_items` items answers recommend / recommend_for_items /
+similar_items in two stages (`bonmf_core.serving.retrieval`: an ANN index built at load
+proposes candidates, the full head re-ranks them); smaller catalogs score every item.
 
 The runtime imports neither the store (SQLAlchemy) nor the training code: a Bento carries only
 what this module needs.
@@ -97,6 +100,7 @@ class ServingEngine:
         self.limits = ServingConfig.model_validate(self.info.get("serving")
                                                    or self.info.get("limits", {}))
         self._precompute()
+        self.retrieval = self._retrieval()
         self.encoders = _ContentEncoders(self.path, self.info["encoders"]) if load_encoders \
             else None
 
@@ -110,11 +114,49 @@ class ServingEngine:
         self.content_unit = {k: torch.nn.functional.normalize(v, dim=1)
                              for k, v in self.content.items()}
 
-    def _items(self, scores: torch.Tensor, k: int) -> list[dict]:
+    def _retrieval(self):
+        if len(self.item_ids) < self.limits.ann_min_items:
+            return None
+        from bonmf_core.serving.retrieval import Retrieval
+
+        return Retrieval(self.model, self.items, self.item_unit, self.limits)
+
+    def _items(self, scores: torch.Tensor, k: int, rows: torch.Tensor | None = None
+               ) -> list[dict]:
+        """Top-k of `scores` as answer rows; `rows`: the item index of each score (a
+        candidate list) when not the whole catalog."""
         k = min(k, int(torch.isfinite(scores).sum()))
         values, idx = torch.topk(scores, k)
+        if rows is not None:
+            idx = rows[idx]
         return [{"item_id": self.item_ids[i], "title": self.titles[i], "score": round(v, 6)}
                 for v, i in zip(values.tolist(), idx.tolist())]
+
+    def _ranked(self, users, k: int, drop: list[np.ndarray]) -> list[list[dict]]:
+        """Top-k per user side (U rows), items in `drop[r]` excluded: every item scored by
+        the head, or — a large catalog — the index's candidates re-ranked by it."""
+        if self.retrieval is None:
+            return self._exact(users, k, drop)
+        found = self.retrieval.candidates(users, k, max(len(d) for d in drop))
+        out = []
+        for r, seen in enumerate(drop):
+            cand = found[r][found[r] >= 0]
+            cand = cand[~np.isin(cand, seen)] if len(seen) else cand
+            if len(cand) < min(k, len(self.item_ids) - len(seen)):
+                # The probed lists held too few unseen items for k answers (a very large k
+                # or history): this user is scored exactly rather than answered short.
+                out.extend(self._exact(users.select([r]), k, [seen]))
+                continue
+            cand = torch.from_numpy(cand)
+            scores = self.model.score_sides(users.select([r]), self.items.select(cand))[0]
+            out.append(self._items(scores, k, cand))
+        return out
+
+    def _exact(self, users, k: int, drop: list[np.ndarray]) -> list[list[dict]]:
+        scores = self.model.score_sides(users, self.items)
+        for r, seen in enumerate(drop):
+            scores[r, torch.from_numpy(seen)] = float("-inf")
+        return [self._items(scores[r], k) for r in range(len(drop))]
 
     def _seen(self, u: int) -> np.ndarray:
         return self.seen_items[self.seen_indptr[u]:self.seen_indptr[u + 1]]
@@ -136,13 +178,11 @@ class ServingEngine:
         answers: list[dict | None] = [None] * len(user_ids)
         if known:
             rows = torch.tensor([u for _, u in known])
-            scores = self.model.score_sides(self.users.select(rows), self.items)
-            if exclude_seen:
-                for r, (_, u) in enumerate(known):
-                    scores[r, torch.from_numpy(self._seen(u))] = float("-inf")
-            for r, (j, _) in enumerate(known):
+            none = np.zeros(0, np.int64)
+            drop = [self._seen(u) if exclude_seen else none for _, u in known]
+            for (j, _), items in zip(known, self._ranked(self.users.select(rows), k, drop)):
                 answers[j] = {"user_id": user_ids[j], "known_user": True, "fallback": None,
-                              "items": self._items(scores[r], k)}
+                              "items": items}
         for j, u in enumerate(user_ids):
             if answers[j] is None:
                 answers[j] = self.popular(k) | {"user_id": u}
@@ -177,20 +217,37 @@ class ServingEngine:
             raise RequestError(f"at most {top} item ids, got {len(item_ids)}", "item_ids")
         liked = sorted(set(self._known_items(item_ids, "item_ids")))
         uv = self.model.fold_in(liked, self.items)
+        drop = np.asarray(liked if exclude_liked else [], np.int64)
         with torch.inference_mode():
-            scores = self.model.score_sides(self.model.user_side(uv[None, :]), self.items)[0]
-            if exclude_liked:
-                scores[liked] = float("-inf")
-        return {"liked": len(liked), "method": "fold_in", "items": self._items(scores, k)}
+            items = self._ranked(self.model.user_side(uv[None, :]), k, [drop])[0]
+        return {"liked": len(liked), "method": "fold_in", "items": items}
 
     @torch.inference_mode()
     def similar_items(self, item_id: str, k: int = 10) -> dict:
         """Nearest catalog items by cosine similarity in the model's item space."""
         self.check_k(k)
         i = self._known_items([item_id], "item_id")[0]
-        scores = self.item_unit @ self.item_unit[i]
-        scores[i] = float("-inf")
-        return {"item_id": item_id, "title": self.titles[i], "items": self._items(scores, k)}
+        return {"item_id": item_id, "title": self.titles[i],
+                "items": self._nearest(self.item_unit[i], k, exclude=i)}
+
+    def _nearest(self, unit: torch.Tensor, k: int, exclude: int | None = None) -> list[dict]:
+        """The k catalog items of highest cosine with a unit vector: all scored, or the
+        index's candidates re-scored exactly (a large catalog)."""
+        if self.retrieval is None:
+            return self._nearest_exact(unit, k, exclude)
+        cand = self.retrieval.neighbours(unit, k)
+        keep = (cand >= 0) if exclude is None else (cand >= 0) & (cand != exclude)
+        cand = cand[keep]
+        if len(cand) < min(k, len(self.item_ids) - (exclude is not None)):
+            return self._nearest_exact(unit, k, exclude)   # too few in the probed lists
+        cand = torch.from_numpy(cand)
+        return self._items(self.item_unit[cand] @ unit, k, cand)
+
+    def _nearest_exact(self, unit: torch.Tensor, k: int, exclude: int | None) -> list[dict]:
+        scores = self.item_unit @ unit
+        if exclude is not None:
+            scores[exclude] = float("-inf")
+        return self._items(scores, k)
 
     @torch.inference_mode()
     def score_new_item(self, item: NewItem, k_users: int = 10, k_items: int = 10,
@@ -219,11 +276,11 @@ class ServingEngine:
             method = "content_neighbours"
         user_scores = self.model.score_sides(self.users, self.model.item_side(iv[None]))[:, 0]
         top_u = torch.topk(user_scores, min(k_users, len(self.user_ids)))
-        item_scores = self.item_unit @ torch.nn.functional.normalize(iv, dim=0)
         out = {"method": method, "modalities": sorted(m for m, ok in present.items() if ok),
                "users": [{"user_id": self.user_ids[u], "score": round(v, 6)}
                          for v, u in zip(top_u.values.tolist(), top_u.indices.tolist())],
-               "similar_items": self._items(item_scores, k_items),
+               "similar_items": self._nearest(torch.nn.functional.normalize(iv, dim=0),
+                                              k_items),
                "item_vector": [round(x, 6) for x in iv.tolist()]}
         if neighbours is not None:
             out["content_neighbours"] = neighbours

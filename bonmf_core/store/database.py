@@ -15,20 +15,37 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bonmf_core.store.schema import SCHEMA_VERSION, Base, SchemaVersion
 from bonmf_core.settings import state_dir
 
 
-class StoreVersionError(RuntimeError):
-    """The database was written by a newer schema than this code knows."""
+# pg_advisory_lock key of the schema migration: any fixed 64-bit number, the same in every process.
+_MIGRATION_LOCK = 0x626F6E6D66   # "bonmf"
+
+
+class StoreVersionError(RuntimeError, ValueError):
+    """The database was written by a newer schema than this code knows (a user error: the
+    CLI prints it without a traceback)."""
+
+
+class StoreUnavailableError(ConnectionError, ValueError):
+    """The store's database cannot be reached or opened (server down, wrong credentials,
+    missing driver); the message names the URL with its password masked."""
 
 
 def default_store_url() -> str:
     url = os.environ.get("BONMF_STORE_URL")
     return url or f"sqlite:///{state_dir() / 'bonmf.db'}"
+
+
+def masked_url(url: str | None = None) -> str:
+    """A store URL (None = the default) with its password masked: what may be printed."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url or default_store_url()).render_as_string(hide_password=True)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -52,7 +69,19 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.migrate()
+        try:
+            self.migrate()
+        except (OperationalError, InterfaceError) as exc:
+            self.engine.dispose()
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            raise StoreUnavailableError(
+                f"cannot open the store {self.safe_url} (BONMF_STORE_URL or "
+                f"encoders.store_url): {reason}") from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked: what messages and logs may show."""
+        return self.engine.url.render_as_string(hide_password=True)
 
     @property
     def dialect(self) -> str:
@@ -74,11 +103,31 @@ class Store:
         Revisions that change existing tables go into `_MIGRATIONS` as (version, function);
         version 1 is the initial schema, created by `create_all`.
         """
-        Base.metadata.create_all(self.engine)  # CREATE TABLE IF NOT EXISTS: safe to race
+        with self._migration_lock():
+            self._migrate()
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """One migrating process at a time on PostgreSQL, whose CREATE TABLE races fail
+        (`pg_class` unique violation) where SQLite's single writer lock serializes them."""
+        if self.dialect != "postgresql":
+            yield
+            return
+        with self.engine.connect() as conn:   # a session-level lock on its own connection
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                conn.commit()
+
+    def _migrate(self) -> None:
+        Base.metadata.create_all(self.engine)  # checks first; concurrent openers are serialized
         current = self.schema_version()
         if current > SCHEMA_VERSION:
             raise StoreVersionError(
-                f"{self.url} has schema version {current}, this code knows up to "
+                f"{self.safe_url} has schema version {current}, this code knows up to "
                 f"{SCHEMA_VERSION}: upgrade bonmf before using this store")
         for version, apply in _MIGRATIONS:
             if version > current:
