@@ -2,10 +2,10 @@
 synthetic catalog: recall@10, latency per request, index build time and memory.
 
     OMP_NUM_THREADS=2 python benchmarks/retrieval.py [--items 1000000] [--queries 200]
-        [--set serving.ann_candidates=500] [--threads 1] [--out FILE.json]
+        [--set serving.ann_candidates=500] [--threads 1] [--epochs 10] [--out FILE.json]
 
 The head is a real BoNMF of the default architecture (`model` section defaults: GMF 64, MLP
-128-64-32), briefly trained on the demo dataset (schema defaults, `train.epochs=10`): its MLP,
+128-64-32), briefly trained on the demo dataset (schema defaults, `--epochs`, 10): its MLP,
 output layer and user vectors are the trained ones. The catalog is synthetic: each item vector
 is a Beta(0.5, 0.5) mix of two trained item vectors plus Gaussian noise of half the trained
 vectors' per-dimension spread, so it has the trained vectors' scale and cluster structure.
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--threads", type=int, default=1, help="torch/faiss threads per request")
     p.add_argument("--build-threads", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of the head")
     p.add_argument("--set", action="append", default=[], metavar="serving.KEY=VALUE")
     p.add_argument("--keep", default=None, help="write the bundle here (default: a temp dir)")
     p.add_argument("--out", default=None)
@@ -166,7 +167,7 @@ def main() -> None:
     serving = load_config(None, [*args.set, "serving.ann_min_items=1"],
                           use_default_file=False).serving
     started = time.perf_counter()
-    head = trained_head()
+    head = trained_head(args.epochs)
     train_s = time.perf_counter() - started
     vectors = synthetic_items(head, args.items)
     seen = random_seen(head.config.n_users, args.items, SEEN_PER_USER)
@@ -188,7 +189,8 @@ def main() -> None:
                                                     replace=False)]
     engine.recommend(users[0]), engine.similar_items(items[0])  # warm
     result = {"items": args.items, "users": len(engine.user_ids), "queries": args.queries,
-              "threads": args.threads, "head": "default BoNMF, trained 10 epochs on demo",
+              "threads": args.threads,
+              "head": f"default BoNMF, trained {args.epochs} epochs on demo",
               "train_head_s": round(train_s, 1), "engine_load_s": round(load_s, 1),
               "retrieval": engine.retrieval.describe(),
               **compare(engine, users, items),

@@ -286,7 +286,7 @@ class ServingConfig(Section):
         "every item")
     ann_candidates: int = Field(500, ge=1, description="candidates the index proposes per "
                                                        "request (plus the user's seen items)")
-    ann_nprobe: int = Field(32, ge=1, description="IVF lists each query visits: recall "
+    ann_nprobe: int = Field(64, ge=1, description="IVF lists each query visits: recall "
                                                   "against latency")
     ann_lists: int = Field(0, ge=0, description="IVF lists (k-means cells); 0 = 4·√items")
 

@@ -53,10 +53,11 @@ def executor_definition(name: str) -> dg.ExecutorDefinition:
             f"{dg.__version__})") from exc
 
 
-# What each step process preloads under multiprocess's default start method (forkserver): the
-# project's definitions and its heavy libraries are imported once, in the fork server, instead
-# of once per step (≈ 40 % of a tiny run's wall time under `spawn`). Each step is still a fresh
-# process forked from that server, sharing no memory with the run's process or other steps.
+# What each step process preloads under multiprocess's default start method here (forkserver):
+# the project's definitions and its heavy libraries are imported once, in the fork server,
+# instead of once per step (a third of the tiny test run's wall time under `spawn`). Each step
+# is still a fresh process forked from that server, sharing no memory with the run's process
+# or with other steps.
 FORKSERVER_PRELOAD = ["orchestration.executors", "orchestration.assets", "orchestration.checks",
                       "torch", "great_expectations"]
 
@@ -108,17 +109,15 @@ def _keyed(message: str) -> str:
 def rebuild_retrain_job(params_path: str, state_root: str, store_url: str | None = None,
                         progress: bool = False) -> dg.JobDefinition:
     """The `retrain` job with the params file's executor: what every step process rebuilds."""
-    import logging
     import os
     import warnings
 
     # orchestration.definitions builds its module-level (UI) `defs` from $BONMF_PARAMS: the
     # run's own params file here, not whatever params.yaml the worker's folder holds.
     os.environ["BONMF_PARAMS"] = params_path
-    # A dask worker cannot size Dagster's event lists and says so per step (then uses a fixed
-    # estimate); pydantic warns about resource schemas as each process rebuilds them. Both are
-    # harmless, and the run's own process hides the same warnings.
-    logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
+    dask_setup()
+    # pydantic warns about resource schemas as each step process rebuilds them: harmless, and
+    # the run's own process hides the same warning.
     with contextlib.suppress(ImportError):
         from pydantic.json_schema import PydanticJsonSchemaWarning
 
@@ -163,10 +162,50 @@ def execute_retrain(cfg, job: dg.JobDefinition, *, params_path: str, state_root:
         reconstructable_kwargs={"params_path": params_path, "state_root": state_root,
                                 "store_url": cfg.encoders.store_url, "progress": progress},
         reconstructor_working_directory=str(REPO_ROOT))
-    with dg.execute_job(recon, instance, run_config=run_config, tags=tags,
-                        raise_on_error=False) as result:
+    clusters = (_closing_local_dask_clusters() if pipeline.executor == "dask"
+                else contextlib.nullcontext())
+    with clusters, dg.execute_job(recon, instance, run_config=run_config, tags=tags,
+                                  raise_on_error=False) as result:
         outputs = _asset_values(result, job, instance) if result.success else {}
         return FinishedRun(result, outputs)
+
+
+def dask_setup(worker=None) -> None:
+    """dask's preload hook (`dask worker --preload orchestration.executors`; local clusters of
+    a run get it automatically): dask cannot size Dagster's events and run records (it then
+    uses a fixed estimate) and says so on each worker: harmless, so kept off the console."""
+    import logging
+
+    logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _closing_local_dask_clusters():
+    """Close the local dask clusters a run started (dagster-dask starts `cluster: local` in the
+    run's process and leaves it open until the interpreter exits): no worker process outlives
+    its run, and the nanny's shutdown notes come before the run's summary, not after it."""
+    import logging
+
+    import dask
+    from distributed.deploy.spec import SpecCluster
+
+    dask_setup()                                   # the scheduler, in this process
+    preload = list(dask.config.get("distributed.worker.preload", default=None) or [])
+    before = set(getattr(SpecCluster, "_instances", ()))
+    try:
+        with dask.config.set({"distributed.worker.preload": [*preload, __name__]}):
+            yield
+    finally:
+        started = [c for c in getattr(SpecCluster, "_instances", ()) if c not in before]
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)   # "still alive after 4 s, killing": an idle worker
+        try:
+            for cluster in started:
+                with contextlib.suppress(Exception):
+                    cluster.close(timeout=30)
+        finally:
+            nanny.setLevel(level)
 
 
 def _asset_values(result, job: dg.JobDefinition, instance: dg.DagsterInstance) -> dict:

@@ -77,8 +77,8 @@ def write_run_config(cfg, state: Path) -> Path:
 def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
                  forced_by: str | None = None, tags: dict | None = None,
                  log_level: str = "WARNING", progress: bool = False) -> dict:
-    """Materialize every asset (and its checks) in-process with the configuration `cfg`
-    (a BonmfConfig); → a summary dict.
+    """Materialize every asset (and its checks) with the configuration `cfg` (a BonmfConfig),
+    on its `pipeline.executor` (in-process by default: docs/executors.md); → a summary dict.
 
     summary: success, run_id, seconds, steps (seconds per step), failed_steps, checks (name →
     passed), and on success the evaluation (table, report paths), the candidate and the gate
@@ -86,6 +86,9 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
     """
     from bonmf_core.settings import state_dir
 
+    from .executors import build_executor
+
+    build_executor(cfg.pipeline)  # a bad pipeline.executor(_config) fails before any state
     state = Path(state).resolve() if state else state_dir()
     os.environ["BONMF_STATE_DIR"] = str(state)
     prepare_dagster_home(state)

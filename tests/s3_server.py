@@ -5,12 +5,14 @@ One process runs SeaweedFS's master, volume server, filer and S3 gateway. Access
 one identity whose key pair is made up per run; the tests hand it to DVC through the
 environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), as a user would. The server is
 started in its own session with default signal handlers (background processes here inherit
-ignored SIGINT/SIGTERM) and stopped by its process group, never by name.
+ignored SIGINT/SIGTERM) and stopped by its process group, never by name; if the test process
+is killed before its teardown, the kernel kills the server too (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -48,9 +50,9 @@ class S3Server:
     def env(self, base: dict | None = None, **overrides: str) -> dict:
         """`base` (default os.environ) with this server's credentials, and nothing from the
         user's ~/.aws (no profile, no config file, no instance-metadata lookups)."""
+        # No AWS_* of the caller's (profile, session token, role, endpoint, container creds).
         env = {k: v for k, v in (os.environ if base is None else base).items()
-               if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                            "AWS_ENDPOINT_URL_S3")}
+               if not k.startswith("AWS_")}
         env.update({"AWS_ACCESS_KEY_ID": self.access_key,
                     "AWS_SECRET_ACCESS_KEY": self.secret_key,
                     "AWS_DEFAULT_REGION": "us-east-1",
@@ -118,9 +120,17 @@ def _identity_config(path: Path, access_key: str, secret_key: str) -> Path:
     return path
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
 def _default_signals() -> None:
+    """In the child before exec: default SIGINT/SIGTERM, and (Linux) SIGKILL when the test
+    process dies without its teardown (killed by a CI time-out), so no server outlives it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def start(folder: Path, bucket: str = "bonmf") -> S3Server:

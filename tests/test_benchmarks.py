@@ -66,3 +66,19 @@ def test_encode_catalog_json_shape(tmp_path):
     assert data["cosine_to_fp32"]["text"]["min"] >= 0.99
     assert data["cosine_to_fp32"]["image"]["min"] >= 0.99
     assert "cached_rerun_s" in proc.stdout
+
+
+def test_retrieval_json_shape(tmp_path):
+    out = tmp_path / "r.json"
+    _run("retrieval.py", "--items", "5000", "--queries", "20", "--epochs", "1",
+         "--out", str(out),
+         tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert data["items"] == 5000 and data["queries"] == 20
+    assert data["retrieval"]["index"] == "faiss IVF-SQ8" and data["retrieval"]["lists"] > 1
+    for api in ("recommend", "similar_items"):
+        assert 0.9 <= data[api]["recall@10"] <= 1.0, (api, data[api])
+        for path in ("two_stage", "exact"):
+            assert 0 < data[api][path]["p50_ms"] <= data[api][path]["p99_ms"]
+    assert data["recommend"]["seen_items_returned"] == 0
+    assert data["peak_rss_mb"] > 0 and data["retrieval"]["build_s"] >= 0

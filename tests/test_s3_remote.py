@@ -4,7 +4,9 @@ A tiny `bonmf run` in a git + DVC repo promotes version 1 and pushes it to
 `s3://<bucket>/dvc` through dvc-s3; the endpoint comes from `$BONMF_DVC_ENDPOINT_URL` and the
 key pair from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY only. Then the local DVC cache is
 wiped (and, separately, a fresh clone made) and `bonmf restore` must bring back the same bytes
-from the bucket alone.
+from the bucket alone. Wrong or missing credentials, a missing bucket and an empty prefix are
+each one clear `error:` line that changes nothing. No mocks: every request is real HTTP to the
+server, which the module starts once and always stops.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def test_a_fresh_clone_restores_a_version_tag_from_the_bucket_alone(promoted, s3
 
 WRONG_CREDENTIALS = {
     "wrong secret key": {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
-    "unknown access key": {"AWS_ACCESS_KEY_ID": "AKNOSUCHKEY0000000", },
+    "unknown access key": {"AWS_ACCESS_KEY_ID": "AKNOSUCHKEY0000000"},
     "no credentials": {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None},
 }
 
@@ -173,7 +175,6 @@ def test_wrong_credentials_are_a_clear_error_that_changes_nothing(promoted, s3, 
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)   # it must ask the bucket
     bad_env = {k: v for k, v in {**env, **change}.items() if v is not None}
     done = _bonmf(repo, bad_env, "restore", "--version", str(version["id"]))
-    print(done.stderr)  # TMPDEBUG
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and done.stderr.startswith("error:"), done.stderr
     assert "cannot read the remote" in done.stderr and "AWS_SECRET_ACCESS_KEY" in done.stderr
@@ -182,6 +183,27 @@ def test_wrong_credentials_are_a_clear_error_that_changes_nothing(promoted, s3, 
     assert _digest(promoted_dir) == before and not (repo / ".dvc" / "cache").exists()
     assert (repo / ".dvc" / "config.local").read_text() == config_before
     assert not [p for p in promoted_dir.iterdir() if p.name.startswith(".restore-")]
+
+
+@pytest.mark.parametrize("remote, says", [
+    ("s3://no-such-bucket/dvc", "its bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
+    ("s3://{bucket}/not-the-prefix", "holds no DVC objects at all"),
+], ids=["missing bucket", "empty prefix"])
+def test_a_mistyped_remote_is_named_as_such_and_changes_nothing(promoted, s3, tmp_path, remote,
+                                                                 says):
+    repo, _, env, version = promoted
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(repo), str(clone))
+    _git(clone, "fetch", "-q", "origin", "refs/tags/*:refs/tags/*")
+    url = remote.format(bucket=s3.bucket)
+    clone_env = {**env, "BONMF_STATE_DIR": str(clone / ".bonmf"), "BONMF_DVC_REMOTE": url,
+                 "DVC_SITE_CACHE_DIR": str(clone / ".bonmf" / "dvc-site-cache")}
+    done = _bonmf(clone, clone_env, "restore", "--rev", f"model@v{version['id']}")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("error:"), done.stderr
+    assert says in done.stderr and url in done.stderr and "Nothing was changed" in done.stderr
+    assert not (clone / versioning.PROMOTED).exists()
+    assert "no-such-bucket" not in {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
 
 
 def test_endpoint_follows_configuration_and_a_dropped_one_is_removed(tmp_path, monkeypatch):

@@ -381,15 +381,30 @@ def missing_in_remote(repo: Path, state: Path, settings: DvcConfig, hashes: dict
 
 def _check_readable(odb, settings: DvcConfig, state: Path) -> None:
     """`odb.exists` (fsspec's isfile) answers False on any error, so refused credentials
-    would read as "the remote lacks every object": ask once in a way that raises."""
+    would read as "the remote lacks every object": ask once in a way that raises. A remote
+    with no objects folder at all (a mistyped bucket or path) is named as such too."""
+    url = remote_url(settings, state)
+    where = f"the remote '{settings.remote_name}' ({url})"
     try:
-        odb.fs.exists(odb.path)
+        present = odb.fs.exists(odb.path)
+        bucket = odb.path.split("/", 1)[0] if url.startswith("s3://") else None
+        bucket_missing = not present and bucket is not None and not odb.fs.exists(bucket)
     except Exception as exc:   # PermissionError, botocore/network errors: all mean "unreadable"
         raise VersioningError(
-            f"cannot read the remote '{settings.remote_name}' ({remote_url(settings, state)}): "
-            f"{type(exc).__name__}: {exc}. Check its URL, dvc.endpoint_url and the "
-            f"credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for "
-            f"s3://). Nothing was changed.") from None
+            f"cannot read {where}: {type(exc).__name__}: {exc}. Check its URL, "
+            f"dvc.endpoint_url and the credentials in the environment (AWS_ACCESS_KEY_ID / "
+            f"AWS_SECRET_ACCESS_KEY for s3://). Nothing was changed.") from None
+    if bucket_missing:
+        endpoint = remote_endpoint(settings)
+        raise VersioningError(
+            f"{where} cannot be read: its bucket '{bucket}' does not exist at "
+            f"{endpoint or 'the default S3 endpoint (AWS)'}. Check dvc.remote and "
+            f"dvc.endpoint_url / $BONMF_DVC_ENDPOINT_URL. Nothing was changed.")
+    if not present:
+        raise VersioningError(
+            f"{where} holds no DVC objects at all ({odb.path} is "
+            f"absent): the remote's URL is wrong, or nothing was ever pushed there. "
+            f"Nothing was changed.")
 
 
 def restore(repo: Path, state: Path, settings: DvcConfig, hashes: dict, label: str) -> dict:
