@@ -25,7 +25,7 @@ from bonmf_core.errors import ConfigError
 PARAMS_FILE = "params.yaml"
 METRIC_PATTERN = r"^(hr|ndcg|recall)@[1-9][0-9]*$"
 BONMF_VARIANTS = ("id", "text", "image", "text+image")
-BASELINE_VARIANTS = ("pop", "bpr", "genre_pop", "content_knn")
+BASELINE_VARIANTS = ("pop", "bpr", "genre_pop", "content_knn", "ease", "item_knn")
 Metric = str  # "hr@10", "ndcg@20", "recall@50": validated by METRIC_PATTERN
 
 
@@ -148,6 +148,45 @@ class BprConfig(Section):
         """This schedule as a TrainConfig (pairwise loss, early-stopping on `metric`): every
         field is set here, none taken from TrainConfig's defaults."""
         return TrainConfig(loss="bpr", metric=metric, **self.model_dump(exclude={"dim"}))
+
+
+class EaseConfig(Section):
+    """The EASE baseline (Steck 2019): its L2 strength λ is picked on the validation set."""
+
+    lambdas: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0, 250.0, 500.0,
+                                                          1000.0, 2500.0], min_length=1,
+                                 description="λ grid searched on the validation set (the first "
+                                             "when there is none)")
+    max_memory_mb: float = Field(4096.0, gt=0, description="refuse catalogs whose dense "
+                                                           "item × item matrices need more")
+    refit: bool = Field(True, description="with the chosen λ, refit on train + valid")
+
+    @field_validator("lambdas")
+    @classmethod
+    def _positive(cls, lambdas: list[float]) -> list[float]:
+        if any(v <= 0 for v in lambdas):
+            raise ValueError(f"every λ must be > 0, got {lambdas}")
+        return lambdas
+
+
+class ItemKnnConfig(Section):
+    """The item-KNN baseline (cosine over the binary interactions): its neighbour count is
+    picked on the validation set."""
+
+    neighbours: list[int | None] = Field(
+        default_factory=lambda: [20, 50, 100, 200, None], min_length=1,
+        description="neighbours kept per item, searched on the validation set (the first "
+                    "when there is none); null = every item")
+    max_memory_mb: float = Field(4096.0, gt=0, description="refuse catalogs whose dense "
+                                                           "item × item matrices need more")
+    refit: bool = Field(True, description="with the chosen count, refit on train + valid")
+
+    @field_validator("neighbours")
+    @classmethod
+    def _positive(cls, ks: list[int | None]) -> list[int | None]:
+        if any(k is not None and k < 1 for k in ks):
+            raise ValueError(f"every neighbour count must be >= 1 or null, got {ks}")
+        return ks
 
 
 class EncodersConfig(Section):
@@ -337,6 +376,8 @@ class BonmfConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     encoders: EncodersConfig = Field(default_factory=EncodersConfig)
     bpr: BprConfig = Field(default_factory=BprConfig)
+    ease: EaseConfig = Field(default_factory=EaseConfig)
+    item_knn: ItemKnnConfig = Field(default_factory=ItemKnnConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)

@@ -106,15 +106,30 @@ def _keyed(message: str) -> str:
                   lambda m: "pipeline.executor_config" + m.group(1).replace(":", "."), message)
 
 
+@contextlib.contextmanager
+def params_env(params_path: str):
+    """$BONMF_PARAMS = the run's params file while inside, as it was afterwards. Wraps the
+    import of orchestration.definitions, whose module-level (UI) `defs` builds its executor from
+    $BONMF_PARAMS or ./params.yaml: a run reads its own file, never a ./params.yaml it was not
+    started with (nor, in a step process, whatever the worker's folder holds)."""
+    import os
+
+    before = os.environ.get("BONMF_PARAMS")
+    os.environ["BONMF_PARAMS"] = params_path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BONMF_PARAMS", None)
+        else:
+            os.environ["BONMF_PARAMS"] = before
+
+
 def rebuild_retrain_job(params_path: str, state_root: str, store_url: str | None = None,
                         progress: bool = False) -> dg.JobDefinition:
     """The `retrain` job with the params file's executor: what every step process rebuilds."""
-    import os
     import warnings
 
-    # orchestration.definitions builds its module-level (UI) `defs` from $BONMF_PARAMS: the
-    # run's own params file here, not whatever params.yaml the worker's folder holds.
-    os.environ["BONMF_PARAMS"] = params_path
     dask_setup()
     # pydantic warns about resource schemas as each step process rebuilds them: harmless, and
     # the run's own process hides the same warning.
@@ -125,7 +140,8 @@ def rebuild_retrain_job(params_path: str, state_root: str, store_url: str | None
 
     from bonmf_core.config import load_config
 
-    from .definitions import build_definitions
+    with params_env(params_path):
+        from .definitions import build_definitions
 
     executor = build_executor(load_config(params_path).pipeline)
     return build_definitions(params_path=params_path, state_root=state_root,

@@ -99,12 +99,10 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
 
     from bonmf_core.store.database import masked_url
 
-    # orchestration.definitions builds the UI's `defs` (its executor) from $BONMF_PARAMS at
-    # import: the run's own file, not a ./params.yaml this run does not use; step processes
-    # (pipeline.executor other than in_process) inherit it.
-    os.environ["BONMF_PARAMS"] = str(write_run_config(cfg, state))
-    from .definitions import build_definitions
-    from .executors import execute_retrain
+    from .executors import execute_retrain, params_env
+
+    with params_env(str(write_run_config(cfg, state))):   # the UI `defs` read at import
+        from .definitions import build_definitions
     from .resources import StoreResource
     from .run_health import host_tags, mark_dead_runs, record_failed_run
 

@@ -1,7 +1,8 @@
 """The variants and how each one is fitted on a split.
 
-Variants: `pop` (popularity), `bpr` (BPR-MF), the cold-item baselines `genre_pop` (popularity
-of the item's genres) and `content_knn` (content similarity to the user's history, in the
+Variants: `pop` (popularity), `bpr` (BPR-MF), the item-item baselines `ease` (EASE, closed
+form, λ picked on validation) and `item_knn` (item cosine, neighbour count picked on
+validation), the cold-item baselines `genre_pop` (popularity of the item's genres) and `content_knn` (content similarity to the user's history, in the
 text+image encoder space), and BoNMF with its item-side modalities — `id` (= NeuMF), `text`,
 `image`, `text+image` (ID embedding plus the named content).
 The runner (`experiment.runner`) gives every variant of a seed the same split, so
@@ -14,9 +15,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from bonmf_core.models.baselines import ContentKNN, GenrePopularity, MatrixFactorization, Popularity
+from bonmf_core.models.baselines import (EASE, ContentKNN, GenrePopularity, ItemKNN,
+                                         MatrixFactorization, Popularity)
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.evaluation.evaluator import evaluate
 from bonmf_core.config import BASELINE_VARIANTS, BONMF_VARIANTS, BonmfConfig, ModelConfig
@@ -73,6 +76,18 @@ def fit_variant(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig, 
         return GenrePopularity(dataset.items["genres"]).fit(split.train), None
     if variant == "content_knn":
         return _fit_content_knn(features, split, cfg.train.metric), None
+    if variant == "ease":
+        e = cfg.ease
+        return _fit_tuned(
+            "ease", "lambda", e.lambdas, split, cfg.train.metric, e.refit,
+            lambda lam: EASE(dataset.n_users, dataset.n_items, lam, e.max_memory_mb),
+            lambda scorer: {"gram": scorer.gram}), None
+    if variant == "item_knn":
+        c = cfg.item_knn
+        return _fit_tuned(
+            "item_knn", "neighbours", c.neighbours, split, cfg.train.metric, c.refit,
+            lambda k: ItemKNN(dataset.n_users, dataset.n_items, k, c.max_memory_mb),
+            lambda scorer: {"similarity": scorer.similarity}), None
     if variant == "bpr":
         dim = cfg.bpr.dim
         build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, dim)  # noqa: E731
@@ -104,3 +119,46 @@ def _fit_content_knn(features: dict[str, np.ndarray], split: Split, metric: str)
              best.neighbors, metric, best_value)
     best.space = "+".join(best_space)
     return best.restrict_to(split.cold_test_items)
+
+
+def _fit_tuned(variant: str, parameter: str, options, split: Split, metric: str, refit: bool,
+               make, shared):
+    """An item-item baseline with one hyper-parameter: each option in `options` is fitted on
+    `split.train` and scored on the validation set (never the test set) by `metric`; the best
+    (the first on a tie, or the first when there is no validation set) is kept and, with
+    `refit`, fitted again on train ∪ valid, as BPR-MF and BoNMF are. `make(option)` → an
+    unfitted scorer; `shared(scorer)` → fit() keywords that the next option on the same
+    training set reuses (the item × item matrix that does not depend on the option).
+
+    The choice is recorded on the scorer as `tuning` {parameter, chosen, metric, valid, refit}.
+    """
+    ks = (int(metric.split("@")[1]),)
+    values: dict[str, float] = {}
+    options = list(options)
+    best, chosen, reuse = None, options[0], {}
+    # Cold candidates have no interactions: every option scores them all 0 and ranks them
+    # nowhere (as `pop` does), so there is nothing to search.
+    cold = split.cold_valid_items is not None or split.cold_test_items is not None
+    if cold:
+        log.warning("%s scores cold items from their interactions, which they have none of: "
+                    "every cold candidate scores 0 (not applicable, like pop); no search",
+                    variant)
+    elif len(split.valid) and len(options) > 1:
+        best_value = -1.0
+        for option in options:
+            scorer = make(option).fit(split.train, **reuse)
+            reuse = shared(scorer)
+            value = evaluate(scorer, split, "valid", ks)[metric]
+            values[str(option)] = value
+            if value > best_value:
+                best, best_value, chosen = scorer, value, option
+        log.info("%s: %s=%s (valid %s %.4f; %s)", variant, parameter, chosen, metric,
+                 best_value, ", ".join(f"{k}: {v:.4f}" for k, v in values.items()))
+    merge = refit and len(split.valid) > 0
+    if merge:
+        best = make(chosen).fit(pd.concat([split.train, split.valid], ignore_index=True))
+    elif best is None:
+        best = make(chosen).fit(split.train)
+    best.tuning = {"parameter": parameter, "chosen": chosen, "metric": metric,
+                   "valid": values, "refit": merge, "cold_items": cold}
+    return best

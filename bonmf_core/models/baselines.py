@@ -156,3 +156,132 @@ class GenrePopularity:
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         return self.scores.expand(len(users), -1)
+
+
+def interaction_matrix(train: pd.DataFrame, n_users: int, n_items: int):
+    """The binary user × item training matrix X (scipy CSR, float32; duplicates count once)."""
+    import scipy.sparse as sp
+
+    users, items = train["user"].to_numpy(), train["item"].to_numpy()
+    x = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                      shape=(n_users, n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def check_item_matrix_memory(variant: str, n_items: int, copies: int, itemsize: int,
+                             limit_mb: float) -> float:
+    """Refuse (ConfigError) a catalog whose dense item × item matrices would exceed the limit;
+    → the estimate in MB. `copies` matrices of `itemsize` bytes live at the peak."""
+    from bonmf_core.errors import ConfigError
+
+    need_mb = copies * itemsize * float(n_items) ** 2 / 2**20
+    if need_mb > limit_mb:
+        raise ConfigError(
+            f"{variant}: {n_items} items need dense {n_items} × {n_items} item matrices of "
+            f"~{need_mb:,.0f} MB, above {variant}.max_memory_mb = {limit_mb:,.0f} MB; raise "
+            f"the limit or use another baseline")
+    return need_mb
+
+
+class _ItemItemScorer:
+    """A user's score for item j is Σ over the user's training items i of W[i, j] (X · W).
+
+    Vectorized over the whole score matrix: one sparse × dense product per block of users.
+    An item without training interactions (a cold item) has an all-zero column: it scores 0
+    for every user, so under `cold_items` it ranks nowhere (ties count against the positive).
+    """
+
+    weights: torch.Tensor      # item × item, float32
+    x = None                   # scipy CSR user × item
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        rows = self.x[users.cpu().numpy()]
+        return torch.from_numpy(np.asarray(rows @ self.weights.numpy(), dtype=np.float32))
+
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        scores = self.score_users(users)
+        if items.dim() == 1:
+            return scores.gather(1, items[:, None]).squeeze(1)
+        return scores.gather(1, items)
+
+
+class EASE(_ItemItemScorer):
+    """EASE (Steck 2019, "Embarrassingly Shallow Autoencoders"): the closed-form item-item
+    model B = I − P · diag(1/diag(P)), P = (XᵀX + λI)⁻¹, so diag(B) = 0, with X the binary
+    user × item training matrix. The Gram matrix and its inverse are float64 (a Cholesky
+    inverse: XᵀX + λI is positive definite for λ > 0); B is kept in float32."""
+
+    def __init__(self, n_users: int, n_items: int, lam: float, max_memory_mb: float = 4096.0):
+        if lam <= 0:
+            raise ValueError(f"EASE needs λ > 0, got {lam}")
+        # at the peak: three float64 item × item matrices (Gram, λ-shifted copy or inverse,
+        # Cholesky factor) + float32 B, counted as four float64 ones
+        check_item_matrix_memory("ease", n_items, 4, 8, max_memory_mb)
+        self.n_users, self.n_items, self.lam = n_users, n_items, float(lam)
+        self.gram: torch.Tensor | None = None
+
+    def fit(self, train: pd.DataFrame, gram: torch.Tensor | None = None) -> "EASE":
+        """`gram`: XᵀX of this `train` already computed (the λ search shares it)."""
+        self.x = interaction_matrix(train, self.n_users, self.n_items)
+        g = gram if gram is not None else gram_matrix(self.x)
+        a = g.clone()
+        a.diagonal().add_(self.lam)
+        chol = torch.linalg.cholesky(a)
+        del a
+        p = torch.cholesky_inverse(chol)
+        del chol
+        p.div_(-p.diagonal().clone().unsqueeze(0))    # B[i, j] = −P[i, j] / P[j, j], i ≠ j
+        p.diagonal().zero_()                          # I − P·diag(1/diag P): diagonal 0
+        self.weights = p.float()
+        self.gram = g
+        return self
+
+
+def gram_matrix(x) -> torch.Tensor:
+    """XᵀX (item co-occurrence counts) of a sparse binary matrix → dense float64 tensor."""
+    return torch.from_numpy((x.T @ x).toarray().astype(np.float64))
+
+
+class ItemKNN(_ItemItemScorer):
+    """Item-item collaborative filtering: W[i, j] = cosine of items i and j over the binary
+    training interactions (|U_i ∩ U_j| / √(|U_i| |U_j|)), W[i, i] = 0. With `neighbors` = k,
+    each item j keeps only its k most similar items (the top k of column j); None = all.
+    A user scores item j by Σ over their training items i of W[i, j]."""
+
+    def __init__(self, n_users: int, n_items: int, neighbors: int | None = None,
+                 max_memory_mb: float = 4096.0):
+        if neighbors is not None and neighbors < 1:
+            raise ValueError(f"item_knn neighbours must be >= 1 or None, got {neighbors}")
+        # at the peak: the float64 co-occurrence matrix, the float32 similarity and its pruned
+        # copy, counted as three float64 ones
+        check_item_matrix_memory("item_knn", n_items, 3, 8, max_memory_mb)
+        self.n_users, self.n_items, self.neighbors = n_users, n_items, neighbors
+        self.similarity: torch.Tensor | None = None
+
+    def fit(self, train: pd.DataFrame, similarity: torch.Tensor | None = None) -> "ItemKNN":
+        """`similarity`: this `train`'s full cosine matrix already computed (the search over
+        neighbour counts shares it)."""
+        self.x = interaction_matrix(train, self.n_users, self.n_items)
+        sim = similarity if similarity is not None else cosine_similarity(self.x)
+        self.similarity = sim
+        self.weights = sim if self.neighbors is None else top_k_columns(sim, self.neighbors)
+        return self
+
+
+def cosine_similarity(x) -> torch.Tensor:
+    """Item × item cosine of the columns of a sparse binary matrix, diagonal 0 (float32)."""
+    sim = gram_matrix(x)                                  # |U_i ∩ U_j|
+    norms = sim.diagonal().sqrt().clamp(min=1e-12)        # √|U_i|; an unseen item's column is 0
+    sim.div_(norms.unsqueeze(1)).div_(norms.unsqueeze(0))
+    sim.diagonal().zero_()
+    return sim.float()
+
+
+def top_k_columns(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each column's k largest entries (its item's k nearest neighbours), zero the rest."""
+    if k >= sim.shape[0]:
+        return sim
+    values, index = sim.topk(k, dim=0)
+    return torch.zeros_like(sim).scatter_(0, index, values)
