@@ -47,11 +47,12 @@ INCLUDE = ["bentos/__init__.py", "bentos/service.py", "bentos/inputs.py",
            "bonmf_core/data/dataset.py", "bonmf_core/data/raw.py", "bonmf_core/data/paths.py",
            "bonmf_core/models/__init__.py",
            "bonmf_core/models/artifacts.py", "bonmf_core/models/bonmf.py",
-           "bonmf_core/serving/__init__.py", "bonmf_core/serving/engine.py"]
+           "bonmf_core/serving/__init__.py", "bonmf_core/serving/engine.py",
+           "bonmf_core/serving/retrieval.py"]   # imported from serving.ann_min_items items
 # What the service imports at run time, pinned to the versions installed here.
 RUNTIME_PACKAGES = ["torch", "torchvision", "numpy", "pandas", "safetensors", "pillow",
                     "PyYAML", "tqdm", "transformers", "timm", "pydantic", "bentoml",
-                    "starlette", "psutil"]
+                    "starlette", "psutil", "faiss-cpu"]
 
 
 def configure_bentoml(state: str | Path | None = None) -> Path:

@@ -385,13 +385,23 @@ def test_score_sides_equals_the_pairwise_forward(content_engine):
     assert torch.allclose(m.score_users(users, items), sides)
 
 
-def test_runtime_runs_from_the_bentos_files_without_sqlalchemy(content_engine, tmp_path):
+@pytest.mark.parametrize("large_catalog", [False, True], ids=["exact", "two_stage"])
+def test_runtime_runs_from_the_bentos_files_without_sqlalchemy(content_engine, tmp_path,
+                                                               large_catalog):
     """The service, from a copy of exactly the files a Bento carries (packaging.INCLUDE),
-    imports, loads its model and answers every API without SQLAlchemy or the store."""
+    imports, loads its model and answers every API without SQLAlchemy or the store — also
+    when its catalog counts as large (the ANN index: retrieval.py and faiss in the Bento)."""
     from bentos.packaging import INCLUDE, REPO_ROOT, configure_bentoml, save_bento_model
 
     configure_bentoml()
-    tag = save_bento_model(content_engine.path, "bonmf-runtime", {"model_version": "3"}, {})
+    bundle = Path(content_engine.path)
+    if large_catalog:
+        bundle = tmp_path / "bundle"
+        shutil.copytree(content_engine.path, bundle)
+        info = json.loads((bundle / "serving.json").read_text())
+        info["serving"] = {**info.get("serving", {}), "ann_min_items": 1, "ann_lists": 4}
+        (bundle / "serving.json").write_text(json.dumps(info))
+    tag = save_bento_model(bundle, "bonmf-runtime", {"model_version": "3"}, {})
     src = tmp_path / "src"
     for name in INCLUDE:
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -419,3 +429,4 @@ print(json.dumps({"sqlalchemy": [m for m in sys.modules if m.split(".")[0] == "s
     assert not [m for m in loaded["modules"] if m.startswith(("bonmf_core.store",
                                                               "bonmf_core.serving.bundle"))]
     assert all(Path(f).is_relative_to(src) for f in loaded["files"]), loaded["files"]
+    assert ("bonmf_core.serving.retrieval" in loaded["modules"]) == large_catalog

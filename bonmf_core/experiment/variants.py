@@ -130,12 +130,13 @@ def _fit_tuned(variant: str, parameter: str, options, split: Split, metric: str,
     unfitted scorer; `shared(scorer)` → fit() keywords that the next option on the same
     training set reuses (the item × item matrix that does not depend on the option).
 
-    The choice is recorded on the scorer as `tuning` {parameter, chosen, metric, valid, refit}.
+    The choice is recorded on the scorer as `tuning` {parameter, chosen, metric, valid (option
+    → validation metric), refit, cold_items}.
     """
     ks = (int(metric.split("@")[1]),)
     values: dict[str, float] = {}
     options = list(options)
-    best, chosen, reuse = None, options[0], {}
+    best, scorer, chosen, reuse = None, None, options[0], {}
     # Cold candidates have no interactions: every option scores them all 0 and ranks them
     # nowhere (as `pop` does), so there is nothing to search.
     cold = split.cold_valid_items is not None or split.cold_test_items is not None
@@ -156,9 +157,10 @@ def _fit_tuned(variant: str, parameter: str, options, split: Split, metric: str,
                  best_value, ", ".join(f"{k}: {v:.4f}" for k, v in values.items()))
     merge = refit and len(split.valid) > 0
     if merge:
+        best = scorer = reuse = None    # free the search's item × item matrices first
         best = make(chosen).fit(pd.concat([split.train, split.valid], ignore_index=True))
     elif best is None:
         best = make(chosen).fit(split.train)
     best.tuning = {"parameter": parameter, "chosen": chosen, "metric": metric,
                    "valid": values, "refit": merge, "cold_items": cold}
-    return best
+    return best.compact()

@@ -206,6 +206,11 @@ class _ItemItemScorer:
             return scores.gather(1, items[:, None]).squeeze(1)
         return scores.gather(1, items)
 
+    def compact(self):
+        """Drop what only fitting needed (the matrices a hyper-parameter search shares);
+        scoring needs X and W alone."""
+        return self
+
 
 class EASE(_ItemItemScorer):
     """EASE (Steck 2019, "Embarrassingly Shallow Autoencoders"): the closed-form item-item
@@ -234,14 +239,18 @@ class EASE(_ItemItemScorer):
         del chol
         p.div_(-p.diagonal().clone().unsqueeze(0))    # B[i, j] = −P[i, j] / P[j, j], i ≠ j
         p.diagonal().zero_()                          # I − P·diag(1/diag P): diagonal 0
-        self.weights = p.float()
+        self.weights = p.float().contiguous()   # row-major: X · B without a copy per block
         self.gram = g
+        return self
+
+    def compact(self) -> "EASE":
+        self.gram = None
         return self
 
 
 def gram_matrix(x) -> torch.Tensor:
     """XᵀX (item co-occurrence counts) of a sparse binary matrix → dense float64 tensor."""
-    return torch.from_numpy((x.T @ x).toarray().astype(np.float64))
+    return torch.from_numpy(np.ascontiguousarray((x.T @ x).toarray(), dtype=np.float64))
 
 
 class ItemKNN(_ItemItemScorer):
@@ -269,6 +278,10 @@ class ItemKNN(_ItemItemScorer):
         self.weights = sim if self.neighbors is None else top_k_columns(sim, self.neighbors)
         return self
 
+    def compact(self) -> "ItemKNN":
+        self.similarity = None
+        return self
+
 
 def cosine_similarity(x) -> torch.Tensor:
     """Item × item cosine of the columns of a sparse binary matrix, diagonal 0 (float32)."""
@@ -276,7 +289,7 @@ def cosine_similarity(x) -> torch.Tensor:
     norms = sim.diagonal().sqrt().clamp(min=1e-12)        # √|U_i|; an unseen item's column is 0
     sim.div_(norms.unsqueeze(1)).div_(norms.unsqueeze(0))
     sim.diagonal().zero_()
-    return sim.float()
+    return sim.float().contiguous()
 
 
 def top_k_columns(sim: torch.Tensor, k: int) -> torch.Tensor:
