@@ -17,7 +17,7 @@ import time
 
 from bonmf_core import distributed
 from bonmf_core.atomic import write_json
-from bonmf_core.config import add_config_arguments, load_config
+from bonmf_core.config import BASELINE_VARIANTS, add_config_arguments, load_config
 from bonmf_core.content.features import basic_content_features
 from bonmf_core.data.readers import load_dataset
 from bonmf_core.experiment.variants import build_bonmf, modalities_of, parse_variants
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     (variant,) = parse_variants(args.variant)
-    if variant in ("pop", "bpr"):
+    if variant in BASELINE_VARIANTS:
         sys.exit("train_throughput measures BoNMF variants: id, text, image, text+image")
     cfg = load_config(args.params, args.set,
                       {"train": {"epochs": args.epochs},

@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="canonical NCF test files (ml-1m.test.rating/.negative)")
     run.add_argument("--variants", default=None,
                      help="comma-separated; BoNMF variants (id, text, image, text+image) are "
-                          "the candidates, the others (pop, bpr, genre_pop, content_knn) the "
-                          "baselines (default: params pipeline.candidates + baselines)")
+                          "the candidates, the others (pop, bpr, genre_pop, content_knn, ease, "
+                          "item_knn) the baselines (default: params pipeline.candidates + baselines)")
     run.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
     run.add_argument("--epochs", type=int, default=None,
                      help="override train.epochs and bpr.epochs")

@@ -216,6 +216,20 @@ def test_every_protocol(small_demo):
         scores = c["scorer"].score_users(torch.arange(small_demo.n_users))
         assert (scores[:, torch.from_numpy(cold.cold_test_items).long()] == 0).all()
         assert c["metrics"]["hr@10"] == 0.0 and c["metrics"]["users"] > 0
+        # the choice travels with the result record (and so into the results JSON)
+        assert json.loads(json.dumps(by[("full", variant)]["tuning"]))["chosen"] == \
+            by[("full", variant)]["scorer"].tuning["chosen"]
+
+
+def test_the_fit_cache_key_follows_the_baselines_own_section(small_demo):
+    from bonmf_core.experiment.runner import fit_spec
+
+    split = ratio_split(small_demo, seed=1)
+    for variant, a, b in (("ease", "ease.lambdas=[50]", "ease.lambdas=[500]"),
+                          ("item_knn", "item_knn.neighbours=[20]", "item_knn.neighbours=[50]")):
+        specs = [fit_spec(variant, "h", split, _cfg(s), 0, {}) for s in (a, b)]
+        assert specs[0] != specs[1]   # another grid is another fit, never a stale cache hit
+        assert fit_spec(variant, "h", split, _cfg(a, "train.lr=0.5"), 0, {}) == specs[0]
 
 
 # -- the benchmark ----------------------------------------------------------------------------

@@ -36,7 +36,9 @@ def fit_spec(variant: str, dataset_hash: str, split: Split, cfg: BonmfConfig, se
              feature_ids: dict[str, str]) -> dict:
     """Everything that determines a fit's result (and so its cache key)."""
     used = [m for m in modalities_of(variant) if m != "id"]
-    schedule = cfg.bpr if variant == "bpr" else cfg.train
+    # A baseline with its own section is keyed on that section (its λ grid, its neighbours).
+    schedule = {"bpr": cfg.bpr, "ease": cfg.ease, "item_knn": cfg.item_knn}.get(variant,
+                                                                                 cfg.train)
     spec = {"v": CACHE_VERSION, "variant": variant, "seed": seed, "dataset": dataset_hash,
             "split": split.describe(), "features": {m: feature_ids.get(m) for m in used},
             "train": schedule.model_dump(mode="json"), "metric": cfg.train.metric,
@@ -77,6 +79,8 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     result = {"key": key, "variant": variant, "seed": seed, "metrics": metrics,
               "artifact_path": None, "best_epoch": None, "dataset_hash": dataset_hash,
               "split": split.describe(), "spec": spec}
+    if getattr(scorer, "tuning", None) is not None:   # what validation chose (ease, item_knn)
+        result["tuning"] = scorer.tuning
     if train_result is not None:
         metrics.update(best_epoch=train_result.best_epoch, epochs_run=train_result.epochs_run,
                        samples_per_s=train_result.samples_per_s)
@@ -174,7 +178,7 @@ def results_record(cfg: BonmfConfig, splits: list[dict], dataset: dict, results:
                                                     "interactions")},
         "candidate": candidate,
         "params": {k: getattr(cfg, k).model_dump(mode="json")
-                   for k in ("model", "train", "bpr", "encoders")},
+                   for k in ("model", "train", "bpr", "ease", "item_knn", "encoders")},
         "results": results,
         **extra,
     }

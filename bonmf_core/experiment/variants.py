@@ -2,8 +2,9 @@
 
 Variants: `pop` (popularity), `bpr` (BPR-MF), the item-item baselines `ease` (EASE, closed
 form, λ picked on validation) and `item_knn` (item cosine, neighbour count picked on
-validation), the cold-item baselines `genre_pop` (popularity of the item's genres) and `content_knn` (content similarity to the user's history, in the
-text+image encoder space), and BoNMF with its item-side modalities — `id` (= NeuMF), `text`,
+validation), the cold-item baselines `genre_pop` (popularity of the item's genres) and
+`content_knn` (content similarity to the user's history, in the text+image encoder space),
+and BoNMF with its item-side modalities — `id` (= NeuMF), `text`,
 `image`, `text+image` (ID embedding plus the named content).
 The runner (`experiment.runner`) gives every variant of a seed the same split, so
 differences are the models', not the data's.
