@@ -74,6 +74,9 @@ class ProtocolConfig(Section):
     ncf_dir: str | None = Field(None, description="canonical NCF test files, e.g. "
                                                   "../shared/datasets/ml-1m-ncf")
     order: Literal["random", "temporal"] = Field("random", description="full protocol")
+    min_rating: float | None = Field(
+        None, description="full protocol: interactions rated below this are dropped before "
+                          "the split (3 = RecBole's ML-1M setup); null = every rating counts")
     cold_fraction: float = Field(0.2, gt=0, lt=1, description="cold_items protocol")
 
     @field_validator("ks")

@@ -235,6 +235,35 @@ def test_ratio_split_temporal_needs_timestamps():
         ratio_split(ds, order="sideways")
 
 
+def test_min_rating_drops_low_ratings_before_the_full_split(demo):
+    ratings = demo.interactions["rating"].to_numpy()
+    assert (ratings < 3).any() and (ratings >= 3).any()
+    protocol = ProtocolConfig(name="full", min_rating=3)
+    split = make_split(demo, protocol, seed=0)
+    low = demo.interactions.loc[ratings < 3, ["user", "item"]]
+    high = demo.interactions.loc[ratings >= 3, ["user", "item"]]
+    kept = pair_set(split.train) | pair_set(split.valid) | pair_set(split.test)
+    # every kept pair was rated >= 3 at least once; pairs only ever rated low are gone
+    assert kept <= pair_set(high) and kept == pair_set(high)
+    assert not (pair_set(low) - pair_set(high)) & kept
+    assert split.describe()["min_rating"] == 3
+    assert split.describe()["dropped_below_min_rating"] == int((ratings < 3).sum())
+    assert "min_rating" not in make_split(demo, ProtocolConfig(name="full"), 0).describe()
+
+
+def test_min_rating_is_refused_where_it_cannot_apply(demo):
+    from bonmf_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="protocol.min_rating applies to the full protocol"):
+        make_split(demo, ProtocolConfig(name="ncf", min_rating=3), seed=0)
+    implicit = make_dataset([(0, 0, 0), (0, 1, 0), (1, 2, 0)], n_items=3)
+    implicit.interactions = implicit.interactions.drop(columns=["rating"])
+    with pytest.raises(DataError, match="needs ratings"):
+        ratio_split(implicit, min_rating=3)
+    with pytest.raises(DataError, match="drops every interaction"):
+        ratio_split(make_dataset([(0, 0, 0), (1, 1, 0)], n_items=2), min_rating=5)
+
+
 # -- cold items ----------------------------------------------------------------------------------
 
 def test_cold_item_split(demo):

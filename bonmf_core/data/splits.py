@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pandas as pd
 
 from bonmf_core.config import ProtocolConfig
 from bonmf_core.data.dataset import Dataset
-from bonmf_core.errors import DataError, LeakageError
+from bonmf_core.errors import ConfigError, DataError, LeakageError
 
 PROTOCOLS = ("ncf", "full", "cold_items")
 _PROTOCOL = ProtocolConfig()   # option defaults are the configuration's
@@ -226,12 +226,15 @@ def _checked_ids(ids: np.ndarray, n: int, path: Path) -> np.ndarray:
 
 
 def ratio_split(dataset: Dataset, seed: int = 0, ratios=(0.8, 0.1, 0.1),
-                order: str = _PROTOCOL.order) -> Split:
-    """Per-user ratio split for full ranking: `random` (seeded shuffle) or `temporal`."""
+                order: str = _PROTOCOL.order, min_rating: float | None = None) -> Split:
+    """Per-user ratio split for full ranking: `random` (seeded shuffle) or `temporal`.
+    `min_rating`: interactions rated below it are dropped first (neither trained on, tested
+    nor masked: RecBole's `val_interval` filter), the count recorded in the split's info."""
     if order not in ("random", "temporal"):
         raise ValueError(f"order must be 'random' or 'temporal', not {order!r}")
     if order == "temporal" and not dataset.has_timestamps:
         raise DataError("a temporal split needs timestamps", field="timestamp")
+    dataset, dropped = _rated_at_least(dataset, min_rating)
     pairs = implicit_pairs(dataset)
     rng = np.random.default_rng(seed)
     if order == "random":
@@ -245,8 +248,25 @@ def ratio_split(dataset: Dataset, seed: int = 0, ratios=(0.8, 0.1, 0.1),
     part = np.where(position < n_train, 0, np.where(position < n_train + n_valid, 1, 2))
     cols = ["user", "item"]
     frames = [pairs.loc[part == p, cols].reset_index(drop=True) for p in range(3)]
-    return Split("full", dataset.n_users, dataset.n_items, *frames, seed=seed,
-                 info={"ratios": list(ratios), "order": order})
+    info = {"ratios": list(ratios), "order": order}
+    if min_rating is not None:
+        info |= {"min_rating": min_rating, "dropped_below_min_rating": dropped}
+    return Split("full", dataset.n_users, dataset.n_items, *frames, seed=seed, info=info)
+
+
+def _rated_at_least(dataset: Dataset, min_rating: float | None) -> tuple[Dataset, int]:
+    """The dataset without interactions rated below `min_rating` → (dataset, rows dropped)."""
+    if min_rating is None:
+        return dataset, 0
+    if "rating" not in dataset.interactions:
+        raise DataError(f"protocol.min_rating={min_rating:g} needs ratings, and "
+                        f"{dataset.name} has none (implicit feedback)", field="rating")
+    keep = dataset.interactions["rating"].to_numpy() >= min_rating
+    if not keep.any():
+        raise DataError(f"protocol.min_rating={min_rating:g} drops every interaction of "
+                        f"{dataset.name}", field="rating")
+    kept = dataset.interactions.loc[keep].reset_index(drop=True)
+    return replace(dataset, interactions=kept), int((~keep).sum())
 
 
 def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = _PROTOCOL.cold_fraction,
@@ -281,12 +301,17 @@ def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = _PROTOCOL
 
 def make_split(dataset: Dataset, protocol: ProtocolConfig, seed: int) -> Split:
     """The split of `protocol` (the params `protocol` section) for one seed."""
+    if protocol.min_rating is not None and protocol.name != "full":
+        # ncf's test items (and the canonical files) are fixed with every rating counted
+        raise ConfigError(f"protocol.min_rating applies to the full protocol, not to "
+                          f"{protocol.name}: set it to null or use --protocol full")
     if protocol.name == "ncf":
         if protocol.ncf_dir:
             return ncf_reference_split(dataset, protocol.ncf_dir, seed=seed)
         return leave_one_out_split(dataset, seed=seed)
     if protocol.name == "full":
-        return ratio_split(dataset, seed=seed, order=protocol.order)
+        return ratio_split(dataset, seed=seed, order=protocol.order,
+                           min_rating=protocol.min_rating)
     if protocol.name == "cold_items":
         return cold_item_split(dataset, seed=seed, fraction=protocol.cold_fraction)
     raise ValueError(f"unknown protocol {protocol.name!r}; choose from {', '.join(PROTOCOLS)}")
