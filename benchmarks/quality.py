@@ -6,6 +6,10 @@
 For ML-1M with the canonical NCF test files pass `--ncf-dir ../shared/datasets/ml-1m-ncf`.
 Under `torchrun --nproc_per_node N` the BoNMF and BPR fits train data-parallel (DDP); rank 0
 evaluates and writes the JSON, which records `world_size`.
+Below the main table, a second one: NDCG@k (the first k) per item-popularity slice (head /
+torso / tail from the training interactions, `protocol.head_share` and
+`protocol.tail_max_interactions`), with each slice's mean user count; in the JSON as
+`results[variant]["slices"]`.
 The configuration is read as by every entry point (defaults < --params / ./params.yaml <
 --set < these flags) and runs through the same runner as the Dagster assets and DVC stages.
 """
@@ -23,6 +27,24 @@ from bonmf_core.errors import ConfigError
 from bonmf_core.data.readers import load_dataset
 from bonmf_core.experiment.report import format_table
 from bonmf_core.experiment.runner import run_protocol
+
+
+def format_slice_table(results: dict) -> str:
+    """variant × slice NDCG@k (mean ± std over seeds); the header gives each slice's users."""
+    metric = f"ndcg@{results['ks'][0]}"
+    sliced = {v: r["slices"] for v, r in results["results"].items() if r.get("slices")}
+    if not sliced:
+        return ""
+    names = list(dict.fromkeys(n for s in sliced.values() for n in s))
+    first = next(iter(sliced.values()))
+    users = [f"{n} ({first[n]['users']['mean']:.0f} users)" if n in first else n for n in names]
+    lines = [f"{metric} by item-popularity slice", "| variant | " + " | ".join(users) + " |",
+             "|---|" + "---|" * len(names)]
+    for variant, slices in sliced.items():
+        cells = [f"{slices[n][metric]['mean']:.4f} ± {slices[n][metric]['std']:.4f}"
+                 if metric in slices.get(n, {}) else "—" for n in names]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def flags_from(args) -> dict:
@@ -65,6 +87,9 @@ def main(argv=None) -> int:
     if not distributed.is_main():
         return 0
     print(format_table(results))
+    sliced = format_slice_table(results)
+    if sliced:
+        print("\n" + sliced)
     print(f"seconds: {results['seconds']:.1f}")
     write_json(args.out, results)
     return 0

@@ -25,7 +25,7 @@ from bonmf_core.errors import ConfigError
 PARAMS_FILE = "params.yaml"
 METRIC_PATTERN = r"^(hr|ndcg|recall)@[1-9][0-9]*$"
 BONMF_VARIANTS = ("id", "text", "image", "text+image")
-BASELINE_VARIANTS = ("pop", "bpr", "genre_pop", "content_knn", "ease", "item_knn")
+BASELINE_VARIANTS = ("pop", "bpr", "genre_pop", "content_knn", "ease", "item_knn", "mf")
 Metric = str  # "hr@10", "ndcg@20", "recall@50": validated by METRIC_PATTERN
 
 
@@ -78,6 +78,13 @@ class ProtocolConfig(Section):
         None, description="full protocol: interactions rated below this are dropped before "
                           "the split (3 = RecBole's ML-1M setup); null = every rating counts")
     cold_fraction: float = Field(0.2, gt=0, lt=1, description="cold_items protocol")
+    head_share: float = Field(
+        0.2, gt=0, le=1, description="popularity slices: `head` = the most popular items (by "
+                                     "training interactions) until they hold this share of "
+                                     "the training interactions")
+    tail_max_interactions: int = Field(
+        20, ge=0, description="popularity slices: `tail` = items with at most this many "
+                              "training interactions (cold items included); `torso` = the rest")
 
     @field_validator("ks")
     @classmethod
@@ -190,6 +197,52 @@ class ItemKnnConfig(Section):
         if any(k is not None and k < 1 for k in ks):
             raise ValueError(f"every neighbour count must be >= 1 or null, got {ks}")
         return ks
+
+
+class MfTrainConfig(TrainConfig):
+    """A TrainConfig that also names its optimizer (the `mf` baseline's schedule)."""
+
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+
+
+class MfConfig(Section):
+    """The `mf` baseline: dot-product MF with user, item and global biases trained with the
+    logistic loss over sampled negatives, the recipe of Rendle, Krichene, Zhang, Anderson 2020
+    ("Neural Collaborative Filtering vs. Matrix Factorization Revisited"). Their ML-1M run:
+    8 negatives, L2 0.005 per training example, init std 0.1, 256 epochs of plain per-example
+    SGD (lr 0.002), dimension 16..192 (larger is better). Here minibatch training through the
+    shared trainer; the dimension is picked on the validation set."""
+
+    dims: list[int] = Field(default_factory=lambda: [64, 128], min_length=1,
+                            description="embedding dimensions searched on the validation set "
+                                        "(the first when there is none)")
+    negatives: int = Field(8, ge=1, description="sampled negatives per positive")
+    epochs: int = Field(60, ge=1, description="the most epochs (early stopping on validation)")
+    batch_size: int = Field(8192, ge=1, description="training pairs (positives + negatives) "
+                                                    "per step")
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    lr: float = Field(0.002, gt=0)
+    lr_decay: float = Field(1.0, gt=0, le=1, description="learning rate × this every epoch")
+    l2: float = Field(0.005, ge=0, description="L2 on the embeddings and biases of each "
+                                               "training pair (Rendle et al.'s `reg`)")
+    init_std: float = Field(0.1, gt=0, description="embeddings start N(0, init_std²); "
+                                                   "biases at 0")
+    patience: int = Field(5, ge=1)
+    refit: bool = Field(True, description="with the chosen dimension and epochs, retrain on "
+                                          "train + valid")
+
+    @field_validator("dims")
+    @classmethod
+    def _positive(cls, dims: list[int]) -> list[int]:
+        if any(d < 1 for d in dims):
+            raise ValueError(f"every dimension must be >= 1, got {dims}")
+        return dims
+
+    def as_train(self, metric: str) -> MfTrainConfig:
+        """This schedule as the trainer's config (logistic loss, early-stopping on `metric`):
+        every field is set here, none taken from TrainConfig's defaults."""
+        return MfTrainConfig(loss="bce", metric=metric, weight_decay=0.0, embedding_reg=self.l2,
+                             **self.model_dump(exclude={"dims", "l2", "init_std"}))
 
 
 class EncodersConfig(Section):
@@ -381,6 +434,7 @@ class BonmfConfig(Section):
     bpr: BprConfig = Field(default_factory=BprConfig)
     ease: EaseConfig = Field(default_factory=EaseConfig)
     item_knn: ItemKnnConfig = Field(default_factory=ItemKnnConfig)
+    mf: MfConfig = Field(default_factory=MfConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)

@@ -108,8 +108,7 @@ def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
     # negatives would teach the model that they are bad for everyone.
     sampler = NegativeSampler(users, items, split.n_users, split.n_items, np.flatnonzero(warm), gen)
     u_pos, i_pos = torch.tensor(users, dtype=torch.long), torch.tensor(items, dtype=torch.long)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=True)
+    optimizer = _optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     validate = validate and len(split.valid) > 0
     # Several ranks (torchrun): gradients all-reduced by DDP; rank 0 validates and saves.
@@ -159,17 +158,23 @@ def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
 
 
 def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainConfig, *,
-                     seed: int = 0) -> tuple[nn.Module, TrainResult]:
+                     seed: int = 0, first: tuple[nn.Module, TrainResult] | None = None
+                     ) -> tuple[nn.Module, TrainResult]:
     """Early-stop on `split.valid`, then (with `cfg.refit`) train a fresh model on train ∪ valid
     for the selected number of epochs, same seed.
 
     Under leave-one-out the validation interaction is each user's second latest — the most
     informative for predicting the latest; holding it out of the final model costs ~0.015
     HR@10 on ML-1M. The test set is never seen by either stage.
+    `first`: the (model, result) of the first stage, already run by the caller with this
+    `build`, split, cfg and seed (a search over builds that kept the best); only the refit is left.
     """
-    torch.manual_seed(seed)  # the initial weights are part of the seeded run
-    model = build()
-    result = train(model, split, cfg, seed=seed)
+    if first is None:
+        torch.manual_seed(seed)  # the initial weights are part of the seeded run
+        model = build()
+        result = train(model, split, cfg, seed=seed)
+    else:
+        model, result = first
     if not cfg.refit or len(split.valid) == 0:
         return model, result
     merged = replace(split, train=pd.concat([split.train, split.valid], ignore_index=True),
@@ -182,6 +187,19 @@ def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainCon
                     "train_pairs": len(merged.train)}
     result.seconds += second.seconds
     return final, result
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, unless the schedule names another (`optimizer`: the `mf` baseline's MfTrainConfig)."""
+    kind = getattr(cfg, "optimizer", "adam")
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=True)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}")
 
 
 def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float, int]:

@@ -2,27 +2,132 @@
 
 A scorer is anything with `score_pairs(users, items) -> Tensor` and
 `score_users(users) -> Tensor (len(users) × n_items)`: BoNMF, BPR-MF and popularity alike.
+
+Item-popularity slices (`popularity_slices`, passed as `evaluate(..., slices=)`): from the
+split's *training* interactions only, `head` = the most popular items until they hold
+`protocol.head_share` of the training interactions (the item that crosses the mark included,
+ties by item index), `tail` = items with at most `protocol.tail_max_interactions` training
+interactions (cold items included; the tail rule wins over head), `torso` = the rest. Each
+slice's metrics use the same ranking (same candidates and masking); only the held-out items in
+the slice count as positives, and users without one are left out of that slice's mean.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from bonmf_core.errors import LeakageError
-from bonmf_core.evaluation.metrics import full_ranking_metrics, sampled_metrics
+from bonmf_core.evaluation.metrics import (full_ranking_metrics, hit_ratio_at_k, ndcg_at_k,
+                                           rank_of_positive, sampled_metrics)
 from bonmf_core.data.splits import Split, assert_no_overlap, positive_matrix
 from bonmf_core.config import ProtocolConfig
 
-DEFAULT_KS = tuple(ProtocolConfig().ks)   # the configuration's protocol.ks
+_PROTOCOL = ProtocolConfig()
+DEFAULT_KS = tuple(_PROTOCOL.ks)   # the configuration's protocol.ks
+SLICE_NAMES = ("head", "torso", "tail")
 
 
 class Scorer(Protocol):
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor: ...
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ItemSlices:
+    """Every item's popularity slice (`labels[item]` indexes `SLICE_NAMES`), from training."""
+
+    labels: np.ndarray
+    train_counts: np.ndarray
+    head_share: float
+    tail_max_interactions: int
+
+    def items(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.labels == SLICE_NAMES.index(name))
+
+    def thresholds(self) -> dict:
+        return {"head_share": self.head_share,
+                "tail_max_interactions": self.tail_max_interactions}
+
+    def describe(self) -> dict:
+        """The definition and each slice's size (items, training interactions)."""
+        return {"by": "item training interactions", **self.thresholds(),
+                "items": {n: int((self.labels == i).sum()) for i, n in enumerate(SLICE_NAMES)},
+                "train_interactions": {n: int(self.train_counts[self.labels == i].sum())
+                                       for i, n in enumerate(SLICE_NAMES)}}
+
+
+def popularity_slices(split: Split, head_share: float = _PROTOCOL.head_share,
+                      tail_max_interactions: int = _PROTOCOL.tail_max_interactions
+                      ) -> ItemSlices:
+    """head / torso / tail of the split's items by their number of training interactions
+    (never held-out ones; see the module docstring for the definition)."""
+    counts = np.bincount(split.train["item"].to_numpy(np.int64), minlength=split.n_items)
+    order = np.lexsort((np.arange(split.n_items), -counts))   # most popular first, then index
+    held_before = np.cumsum(counts[order]) - counts[order]    # by the more popular items
+    head = np.zeros(split.n_items, bool)
+    head[order[held_before < head_share * counts.sum()]] = True
+    tail = counts <= tail_max_interactions
+    labels = np.where(tail, 2, np.where(head, 0, 1)).astype(np.int8)
+    return ItemSlices(labels, counts, float(head_share), int(tail_max_interactions))
+
+
+def _slice_record(sums: dict[str, float]) -> dict:
+    """Summed per-user metrics of one slice → means, with its user and pair counts last."""
+    users, pairs = sums.pop("users", 0.0), sums.pop("pairs", 0.0)
+    means = {k: v / users for k, v in sums.items()} if users > 0 else {}
+    return {**means, "users": float(users), "pairs": float(pairs)}
+
+
+def _sampled_slices(rank: torch.Tensor, positives: np.ndarray, slices: ItemSlices,
+                    ks) -> dict:
+    """Per slice: HR/NDCG@k of the rows whose (single) positive is in the slice."""
+    of = torch.from_numpy(slices.labels[positives].astype(np.int64))
+    out = {}
+    for i, name in enumerate(SLICE_NAMES):
+        rows = of == i
+        r = rank[rows]
+        sums = {"users": float(rows.sum()), "pairs": float(rows.sum())}
+        for k in ks:
+            sums[f"hr@{k}"] = hit_ratio_at_k(r, k).sum().item()
+            sums[f"ndcg@{k}"] = ndcg_at_k(r, k).sum().item()
+        out[name] = _slice_record(sums)
+    return out
+
+
+def _full_slice_sums(scores: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor, ks,
+                     sums: dict[str, dict[str, float]]) -> None:
+    """Add one user chunk's per-slice Recall/NDCG/HR sums to `sums` (slice → metric → sum).
+
+    The top-k list is the one `full_ranking_metrics` ranks (same tie-break against every
+    held-out item); a slice counts only its own held-out items as hits and as relevant."""
+    max_k = min(max(ks), scores.shape[1])
+    key = scores.double()   # as metrics.topk_hits: ties broken against relevant items
+    key = torch.where(truth, key - (key.abs() * 1e-10 + 1e-300), key)
+    top = torch.topk(key, max_k, dim=1).indices
+    hit_any = torch.gather(truth, 1, top)
+    top_label = labels[top]
+    discounts = 1.0 / torch.log2(torch.arange(max_k, dtype=torch.float32) + 2.0)
+    for i, name in enumerate(SLICE_NAMES):
+        n_rel = (truth & (labels == i)[None, :]).sum(1).float()
+        keep = n_rel > 0
+        hits = (hit_any & (top_label == i))[keep].float()
+        n_rel = n_rel[keep]
+        acc = sums.setdefault(name, {})
+        acc["users"] = acc.get("users", 0.0) + float(keep.sum())
+        acc["pairs"] = acc.get("pairs", 0.0) + n_rel.sum().item()
+        for k in ks:
+            h = hits[:, :k]
+            dcg = (h * discounts[:k]).sum(1)
+            ideal_len = torch.clamp(n_rel, max=min(k, max_k)).long()
+            idcg = torch.cumsum(discounts[:k], 0)[ideal_len - 1]
+            for metric, value in ((f"recall@{k}", h.sum(1) / n_rel), (f"ndcg@{k}", dcg / idcg),
+                                  (f"hr@{k}", (h.sum(1) > 0).float())):
+                acc[metric] = acc.get(metric, 0.0) + value.sum().item()
 
 
 def _held_out(split: Split, which: str):
@@ -44,8 +149,10 @@ def check_no_leakage(split: Split, which: str = "test") -> None:
 
 @torch.inference_mode()
 def evaluate_sampled(scorer: Scorer, users: np.ndarray, positives: np.ndarray,
-                     negatives: np.ndarray, ks=DEFAULT_KS, chunk: int = 256) -> dict:
-    """Rank each positive among its sampled negatives (entries of -1 are dropped candidates)."""
+                     negatives: np.ndarray, ks=DEFAULT_KS, chunk: int = 256,
+                     slices: ItemSlices | None = None) -> dict:
+    """Rank each positive among its sampled negatives (entries of -1 are dropped candidates).
+    With `slices`, also "slices": slice → metrics of the users whose positive is in it."""
     candidates = np.concatenate([positives[:, None], negatives], axis=1)
     valid = torch.from_numpy(candidates >= 0)
     cand = torch.from_numpy(np.where(candidates >= 0, candidates, 0))
@@ -56,16 +163,19 @@ def evaluate_sampled(scorer: Scorer, users: np.ndarray, positives: np.ndarray,
         scores[sl] = scorer.score_pairs(u[sl], cand[sl]).float()
     out = sampled_metrics(scores, ks, valid)
     out["users"] = float(len(users))
+    if slices is not None:
+        out["slices"] = _sampled_slices(rank_of_positive(scores, valid), positives, slices, ks)
     return out
 
 
 @torch.inference_mode()
 def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS,
-                  chunk: int = 1024) -> dict:
+                  chunk: int = 1024, slices: ItemSlices | None = None) -> dict:
     """Rank every candidate item for each user with held-out items.
 
     `full`: all items, with the user's training (and, for test, validation) items masked.
     `cold_items`: only the held-out cold items of the set are candidates.
+    With `slices`, also "slices": slice → metrics over the held-out items in the slice.
     """
     frame, _, cold = _held_out(split, which)
     truth_all = positive_matrix(split.n_users, split.n_items, frame)
@@ -73,6 +183,8 @@ def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_
     seen_frames = [split.train] + ([split.valid] if which == "test" and cold is None else [])
     seen = positive_matrix(split.n_users, split.n_items, *seen_frames)
     sums: dict[str, float] = {}
+    slice_sums: dict[str, dict[str, float]] = {}
+    labels = None if slices is None else torch.from_numpy(slices.labels.astype(np.int64))
     for start in range(0, len(users), chunk):
         block = users[start:start + chunk]
         scores = scorer.score_users(torch.from_numpy(block).long()).float()
@@ -80,22 +192,33 @@ def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_
         if cold is not None:
             cols = torch.from_numpy(cold).long()
             scores, truth = scores[:, cols], truth[:, cols]
+            block_labels = None if labels is None else labels[cols]
         else:
+            block_labels = labels
             mask = torch.from_numpy(seen[block].toarray())
             scores = scores.masked_fill(mask, float("-inf"))
         for key, value in full_ranking_metrics(scores, truth, ks).items():
             sums[key] = sums.get(key, 0.0) + value
+        if block_labels is not None:
+            _full_slice_sums(scores, truth, block_labels, ks, slice_sums)
     n = max(sums.pop("users", 0.0), 1.0)
-    return {**{k: v / n for k, v in sums.items()}, "users": n}
+    out = {**{k: v / n for k, v in sums.items()}, "users": n}
+    if slices is not None:
+        out["slices"] = {name: _slice_record(slice_sums.get(name, {})) for name in SLICE_NAMES}
+    return out
 
 
-def evaluate(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS) -> dict:
-    """Metrics of `scorer` on the split's `which` set, by the split's protocol."""
+def evaluate(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS,
+             slices: ItemSlices | None = None) -> dict:
+    """Metrics of `scorer` on the split's `which` set, by the split's protocol.
+
+    With `slices` (`popularity_slices(split, ...)`), also "slices": {head|torso|tail: {metric:
+    mean, "users", "pairs"}} from the same scores (an empty slice has only its counts)."""
     check_no_leakage(split, which)
     frame, negatives, _ = _held_out(split, which)
     if len(frame) == 0:
         raise ValueError(f"the split has no {which} interactions to evaluate")
     if split.protocol == "ncf":
         return evaluate_sampled(scorer, frame["user"].to_numpy(), frame["item"].to_numpy(),
-                                negatives, ks)
-    return evaluate_full(scorer, split, which, ks)
+                                negatives, ks, slices=slices)
+    return evaluate_full(scorer, split, which, ks, slices=slices)

@@ -22,7 +22,7 @@ from bonmf_core.atomic import write_json
 from bonmf_core.config import BonmfConfig
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.data.splits import Split, make_splits
-from bonmf_core.evaluation.evaluator import evaluate
+from bonmf_core.evaluation.evaluator import evaluate, popularity_slices
 from bonmf_core.evaluation.metrics import mean_std
 from bonmf_core.experiment.variants import BASELINES, fit_variant, modalities_of, parse_variants
 from bonmf_core.hashing import sha256_array, sha256_json
@@ -37,8 +37,8 @@ def fit_spec(variant: str, dataset_hash: str, split: Split, cfg: BonmfConfig, se
     """Everything that determines a fit's result (and so its cache key)."""
     used = [m for m in modalities_of(variant) if m != "id"]
     # A baseline with its own section is keyed on that section (its λ grid, its neighbours).
-    schedule = {"bpr": cfg.bpr, "ease": cfg.ease, "item_knn": cfg.item_knn}.get(variant,
-                                                                                 cfg.train)
+    schedule = {"bpr": cfg.bpr, "ease": cfg.ease, "item_knn": cfg.item_knn,
+                "mf": cfg.mf}.get(variant, cfg.train)
     spec = {"v": CACHE_VERSION, "variant": variant, "seed": seed, "dataset": dataset_hash,
             "split": split.describe(), "features": {m: feature_ids.get(m) for m in used},
             "train": schedule.model_dump(mode="json"), "metric": cfg.train.metric,
@@ -54,19 +54,24 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     """Fit + evaluate one variant on the split's test set → its result record.
 
     {"key", "variant", "seed", "metrics", "artifact_path" (BoNMF, with a cache), "reused",
-    "best_epoch", "history", "split", "spec"}. With `cache_root` the BoNMF model is saved
-    there (`save_model`) and the same fit later is reused; baselines keep only metrics.
+    "best_epoch", "history", "split", "spec", "slice_definition"}. With `cache_root` the BoNMF
+    model is saved there (`save_model`) and the same fit later is reused; baselines keep only
+    metrics. `metrics["slices"]`: the item-popularity slices' metrics (`popularity_slices`
+    with `cfg.protocol.head_share` / `tail_max_interactions`); a cached record measured
+    without them, or with other thresholds, is not reused.
     """
     seed = split.seed or 0
     spec = fit_spec(variant, dataset_hash, split, cfg, seed, feature_ids)
     key = sha256_json(spec)[:20]
     folder = Path(cache_root) / key if cache_root else None
     # Under torchrun rank 0 decides (its cache may be the only one), the others follow.
-    cached = distributed.on_main(lambda: _cached(folder))
+    slices = popularity_slices(split, cfg.protocol.head_share,
+                               cfg.protocol.tail_max_interactions)
+    cached = distributed.on_main(lambda: _cached(folder, slices.thresholds()))
     if cached is not None:
         return cached
     started = time.perf_counter()
-    if distributed.is_main() or variant == "bpr" or variant not in BASELINES:
+    if distributed.is_main() or variant in ("bpr", "mf") or variant not in BASELINES:
         scorer, train_result = fit_variant(variant, dataset, split, cfg, seed, features)
     else:   # a baseline without SGD: rank 0 alone fits it
         scorer, train_result = None, None
@@ -74,11 +79,12 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     if not distributed.is_main():   # rank 0 evaluates and saves; the others wait for its record
         return {**distributed.broadcast(None), "scorer": scorer}
     t0 = time.perf_counter()
-    metrics = evaluate(scorer, split, "test", tuple(cfg.protocol.ks))
+    metrics = evaluate(scorer, split, "test", tuple(cfg.protocol.ks), slices=slices)
     metrics.update(fit_s=fit_s, eval_s=time.perf_counter() - t0)
     result = {"key": key, "variant": variant, "seed": seed, "metrics": metrics,
               "artifact_path": None, "best_epoch": None, "dataset_hash": dataset_hash,
-              "split": split.describe(), "spec": spec}
+              "split": split.describe(), "spec": spec,
+              "slice_definition": slices.describe()}
     if getattr(scorer, "tuning", None) is not None:   # what validation chose (ease, item_knn)
         result["tuning"] = scorer.tuning
     if train_result is not None:
@@ -96,9 +102,13 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     return result
 
 
-def _cached(folder: Path | None) -> dict | None:
+def _cached(folder: Path | None, slice_thresholds: dict | None = None) -> dict | None:
     if folder is not None and (folder / "result.json").exists():
         result = json.loads((folder / "result.json").read_text())
+        defined = result.get("slice_definition") or {}
+        if slice_thresholds is not None and any(defined.get(k) != v
+                                                for k, v in slice_thresholds.items()):
+            return None   # measured before the slices or with other thresholds: fit again
         if result.get("artifact_path") is None or Path(result["artifact_path"]).exists():
             result["reused"] = True
             return result
@@ -145,22 +155,42 @@ def run_fits(variants, dataset: Dataset, splits: list[Split], cfg: BonmfConfig,
     return fits
 
 
-def aggregate(fits: list[dict]) -> dict:
-    """{variant: {metric: {mean, std, values}}} over the seeds of each variant."""
+def aggregate(fits: list[dict], slices: bool = False) -> dict:
+    """{variant: {metric: {mean, std, values}}} over the seeds of each variant; with `slices`,
+    also {"slices": {slice: {metric: {mean, std, values}}}} where the fits measured them."""
     by_variant: dict[str, list[dict]] = {}
     for fit in fits:
         by_variant.setdefault(fit["variant"], []).append(fit["metrics"])
-    return {v: mean_std(runs) for v, runs in by_variant.items()}
+    out = {v: mean_std(runs) for v, runs in by_variant.items()}
+    if slices:
+        for v, runs in by_variant.items():
+            if any(r.get("slices") for r in runs):
+                out[v]["slices"] = aggregate_slices(runs)
+    return out
+
+
+def aggregate_slices(runs: list[dict]) -> dict:
+    """{slice: {metric: {mean, std, values}}} over runs' `metrics["slices"]`: a metric's mean is
+    over the seeds where its slice had users (an empty slice records only its counts)."""
+    per_slice: dict[str, list[dict]] = {}
+    for run in runs:
+        for name, m in (run.get("slices") or {}).items():
+            per_slice.setdefault(name, []).append(m)
+    out = {}
+    for name, records in per_slice.items():
+        keys = list(dict.fromkeys(k for r in records for k in r))
+        out[name] = {k: mean_std([{k: r[k]} for r in records if k in r])[k] for k in keys}
+    return out
 
 
 def choose_candidate(fits: list[dict], candidates, metric: str) -> dict:
     """The best of `candidates` on `metric` (mean over seeds) → {variant, fit (its first
     seed's), metrics (means), results (every variant's mean ± std)}."""
-    results = aggregate(fits)
+    results = aggregate(fits, slices=True)
     best = max(candidates, key=lambda v: results[v][metric]["mean"])
     chosen = next(f for f in fits if f["variant"] == best)
     return {"variant": best, "fit": chosen, "results": results,
-            "metrics": {k: v["mean"] for k, v in results[best].items()}}
+            "metrics": {k: v["mean"] for k, v in results[best].items() if k != "slices"}}
 
 
 def results_record(cfg: BonmfConfig, splits: list[dict], dataset: dict, results: dict,
@@ -174,12 +204,15 @@ def results_record(cfg: BonmfConfig, splits: list[dict], dataset: dict, results:
         "ks": list(protocol.ks), "seeds": list(protocol.seeds),
         "protocol_details": {"splits": splits, "ncf_dir": protocol.ncf_dir,
                              "order": protocol.order, "cold_fraction": protocol.cold_fraction,
-                             "min_rating": protocol.min_rating},
+                             "min_rating": protocol.min_rating,
+                             "slices": {"head_share": protocol.head_share,
+                                        "tail_max_interactions":
+                                            protocol.tail_max_interactions}},
         "dataset_details": {k: dataset[k] for k in ("content_hash", "users", "items",
                                                     "interactions")},
         "candidate": candidate,
         "params": {k: getattr(cfg, k).model_dump(mode="json")
-                   for k in ("model", "train", "bpr", "ease", "item_knn", "encoders")},
+                   for k in ("model", "train", "bpr", "ease", "item_knn", "mf", "encoders")},
         "results": results,
         **extra,
     }
@@ -209,5 +242,5 @@ def run_protocol(dataset: Dataset, cfg: BonmfConfig, variants=None,
     fits = run_fits(variants, dataset, splits, cfg, features, dataset_hash=dataset_hash,
                     cache_root=cache_root)
     return results_record(cfg, [s.describe() for s in splits],
-                          dataset_record(dataset, dataset_hash), aggregate(fits),
+                          dataset_record(dataset, dataset_hash), aggregate(fits, slices=True),
                           features=feature_report, seconds=time.perf_counter() - started)

@@ -2,7 +2,8 @@
 
 Variants: `pop` (popularity), `bpr` (BPR-MF), the item-item baselines `ease` (EASE, closed
 form, λ picked on validation) and `item_knn` (item cosine, neighbour count picked on
-validation), the cold-item baselines `genre_pop` (popularity of the item's genres) and
+validation), `mf` (dot-product MF with biases and the logistic loss over many sampled
+negatives, Rendle et al. 2020; its dimension picked on validation), the cold-item baselines `genre_pop` (popularity of the item's genres) and
 `content_knn` (content similarity to the user's history, in the text+image encoder space),
 and BoNMF with its item-side modalities — `id` (= NeuMF), `text`,
 `image`, `text+image` (ID embedding plus the named content).
@@ -19,14 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bonmf_core.models.baselines import (EASE, ContentKNN, GenrePopularity, ItemKNN,
+from bonmf_core.models.baselines import (EASE, BiasedMF, ContentKNN, GenrePopularity, ItemKNN,
                                          MatrixFactorization, Popularity)
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.evaluation.evaluator import evaluate
 from bonmf_core.config import BASELINE_VARIANTS, BONMF_VARIANTS, BonmfConfig, ModelConfig
 from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 from bonmf_core.data.splits import Split
-from bonmf_core.training import train_with_refit
+from bonmf_core.training import train, train_with_refit
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ def fit_variant(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig, 
             "item_knn", "neighbours", c.neighbours, split, cfg.train.metric, c.refit,
             lambda k: ItemKNN(dataset.n_users, dataset.n_items, k, c.max_memory_mb),
             lambda scorer: {"similarity": scorer.similarity}), None
+    if variant == "mf":
+        return _fit_mf(dataset, split, cfg, seed)
     if variant == "bpr":
         dim = cfg.bpr.dim
         build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, dim)  # noqa: E731
@@ -165,3 +168,40 @@ def _fit_tuned(variant: str, parameter: str, options, split: Split, metric: str,
     best.tuning = {"parameter": parameter, "chosen": chosen, "metric": metric,
                    "valid": values, "refit": merge, "cold_items": cold}
     return best.compact()
+
+
+def _fit_mf(dataset: Dataset, split: Split, cfg: BonmfConfig, seed: int):
+    """The `mf` baseline through the shared trainer: each of `mf.dims` is trained on
+    `split.train` and early-stopped on the validation set (never the test set); the dimension
+    with the best validation metric (the first on a tie, or when there is none) is kept and,
+    with `mf.refit`, retrained on train ∪ valid for its best epoch count, as BPR-MF is.
+    Under `cold_items` the cold candidates have no interactions to learn from (their vectors
+    stay at their random start, as BPR-MF's do) and the validation metric is over them: no
+    search, the first dimension. → (scorer, TrainResult); the choice is on `scorer.tuning`.
+    """
+    m = cfg.mf
+    schedule = m.as_train(cfg.train.metric)
+
+    def make(dim):
+        return lambda: BiasedMF(dataset.n_users, dataset.n_items, dim, m.init_std)
+
+    cold = split.cold_valid_items is not None or split.cold_test_items is not None
+    dims, values, first, chosen = list(m.dims), {}, None, m.dims[0]
+    if len(split.valid) and len(dims) > 1 and not cold:
+        best_value = -np.inf
+        for dim in dims:
+            torch.manual_seed(seed)   # as train_with_refit: the initial weights are seeded
+            model = make(dim)()
+            result = train(model, split, schedule, seed=seed)
+            values[str(dim)] = result.best_metric
+            if result.best_metric > best_value:
+                best_value, chosen, first = result.best_metric, dim, (model, result)
+            else:
+                del model
+        log.info("mf: dim=%s (valid %s %.4f; %s)", chosen, schedule.metric, best_value,
+                 ", ".join(f"{k}: {v:.4f}" for k, v in values.items()))
+    model, result = train_with_refit(make(chosen), split, schedule, seed=seed, first=first)
+    model.tuning = {"parameter": "dim", "chosen": chosen, "metric": schedule.metric,
+                    "valid": values, "best_epoch": result.best_epoch,
+                    "refit": result.refit is not None, "cold_items": cold}
+    return model, result

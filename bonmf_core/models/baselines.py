@@ -298,3 +298,51 @@ def top_k_columns(sim: torch.Tensor, k: int) -> torch.Tensor:
         return sim
     values, index = sim.topk(k, dim=0)
     return torch.zeros_like(sim).scatter_(0, index, values)
+
+
+class BiasedMF(nn.Module):
+    """The `mf` baseline: score(u, i) = <p_u, q_i> + b_u + b_i + b, trained with the logistic
+    loss over each positive and sampled negatives (the shared trainer, `loss="bce"`).
+
+    The recipe of Rendle, Krichene, Zhang, Anderson 2020 ("Neural Collaborative Filtering vs.
+    Matrix Factorization Revisited"; google-research `dot_vs_learned_similarity/mf_simple.py`):
+    embeddings drawn from N(0, 0.1²) whatever the dimension, biases 0, and L2 `reg` on the
+    user's and item's embedding and biases in every training pair (their SGD step
+    v += lr·(g·w − reg·v), i.e. a reg/2·‖v‖² term per pair). `return_norms` gives that term per
+    pair (the mean over the batch's pairs of ½(‖p_u‖² + ‖q_i‖² + b_u² + b_i²)), which the
+    trainer multiplies by `embedding_reg` (= `mf.l2`).
+    """
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.1):
+        super().__init__()
+        self.dim = dim
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items, dim)
+        self.user_bias = nn.Embedding(n_users, 1)
+        self.item_bias = nn.Embedding(n_items, 1)
+        self.bias = nn.Parameter(torch.zeros(()))
+        nn.init.normal_(self.user.weight, std=init_std)
+        nn.init.normal_(self.item.weight, std=init_std)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, return_norms: bool = False):
+        """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C)."""
+        u, i = self.user(users), self.item(items)
+        bu, bi = self.user_bias(users).squeeze(-1), self.item_bias(items).squeeze(-1)
+        if items.dim() == 2:
+            u, bu = u.unsqueeze(1), bu.unsqueeze(1)
+        logits = (u * i).sum(-1) + bu + bi + self.bias
+        if return_norms:   # per pair: every pair of a row shares its user
+            return logits, 0.5 * (u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean()
+                                  + bu.pow(2).mean() + bi.pow(2).mean())
+        return logits
+
+    @torch.inference_mode()
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.forward(users, items)
+
+    @torch.inference_mode()
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        return (self.user(users) @ self.item.weight.T + self.user_bias(users)
+                + self.item_bias.weight.T + self.bias)

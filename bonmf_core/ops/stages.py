@@ -253,7 +253,7 @@ def run_train(cfg: BonmfConfig, dataset_dir: str | Path, features_dir: str | Pat
     if distributed.is_main():
         with atomic_dir(model_out) as tmp:
             shutil.copytree(chosen["fit"]["artifact_path"], tmp, dirs_exist_ok=True)
-    results = aggregate(fits)
+    results = aggregate(fits, slices=True)   # per popularity slice too (the report)
     record = {
         "world_size": distributed.world_size(),
         "split_descriptions": [s.describe() for s in splits],

@@ -30,7 +30,7 @@ def promotion_decision(context: dg.AssetExecutionContext, config: ForcePromotion
                        params: ParamsResource, state: StateResource,
                        store: StoreResource) -> dg.MaterializeResult:
     gate = params.load().promotion
-    baseline_means = {v: {k: m["mean"] for k, m in r.items()}
+    baseline_means = {v: {k: m["mean"] for k, m in r.items() if k != "slices"}
                       for v, r in baselines["results"].items()}
     with store.open() as s:
         production = registry.production_model(s)

@@ -112,7 +112,7 @@ def baselines(context: dg.AssetExecutionContext, validated_dataset: dict, splits
                                               "fits_reused": 0})
     fits = _fit_all(context, variants, cfg, validated_dataset, splits, text_embeddings,
                     image_embeddings, state)
-    results = aggregate(fits)
+    results = aggregate(fits, slices=True)   # per popularity slice too (the report)
     return dg.MaterializeResult(
         value={"results": results, "fits": [stages.strip_fit(f) for f in fits]},
         metadata={**{f"{v} {metric}": dg.MetadataValue.float(float(results[v][metric]["mean"]))
