@@ -289,7 +289,7 @@ def test_runner_aggregates_slices_over_seeds_and_the_report_shows_them(tiny_demo
         results["results"]["item_knn"]["slices"]["tail"]["ndcg@10"]["mean"])
 
 
-def test_a_cached_fit_without_slices_is_fit_again(tiny_demo, tmp_path):
+def test_a_cached_fit_is_reused_only_with_the_same_slice_thresholds(tiny_demo, tmp_path):
     from bonmf_core.experiment.runner import run_fits
 
     cfg = load_config(use_default_file=False)
@@ -299,18 +299,14 @@ def test_a_cached_fit_without_slices_is_fit_again(tiny_demo, tmp_path):
     again = run_fits(["pop"], tiny_demo, [split], cfg, {}, cache_root=tmp_path,
                      report=lambda _: None)[0]
     assert again["reused"] and again["metrics"]["slices"] == first["metrics"]["slices"]
-    path = tmp_path / first["key"] / "result.json"
-    old = json.loads(path.read_text())
-    old.pop("slice_definition")
-    old["metrics"].pop("slices")
-    path.write_text(json.dumps(old))   # a record from before the slices
-    refit = run_fits(["pop"], tiny_demo, [split], cfg, {}, cache_root=tmp_path,
-                     report=lambda _: None)[0]
-    assert not refit["reused"] and refit["metrics"]["slices"] == first["metrics"]["slices"]
+    # The thresholds are part of the fit's key: other thresholds are another fit, measured anew.
     other = load_config(sets=["protocol.tail_max_interactions=5"], use_default_file=False)
     changed = run_fits(["pop"], tiny_demo, [split], other, {}, cache_root=tmp_path,
                        report=lambda _: None)[0]
-    assert not changed["reused"] and changed["slice_definition"]["tail_max_interactions"] == 5
+    assert not changed["reused"] and changed["key"] != first["key"]
+    assert changed["slice_definition"]["tail_max_interactions"] == 5
+    assert changed["spec"]["slices"]["tail_max_interactions"] == 5
+    assert (tmp_path / first["key"] / "result.json").exists()
 
 
 def test_quality_benchmark_has_slices_for_every_variant(tmp_path):

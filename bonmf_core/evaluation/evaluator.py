@@ -22,7 +22,8 @@ import torch
 
 from bonmf_core.errors import LeakageError
 from bonmf_core.evaluation.metrics import (full_ranking_metrics, hit_ratio_at_k, ndcg_at_k,
-                                           rank_of_positive, sampled_metrics)
+                                           rank_of_positive, ranking_sums, sampled_metrics,
+                                           topk_items)
 from bonmf_core.data.splits import Split, assert_no_overlap, positive_matrix
 from bonmf_core.config import ProtocolConfig
 
@@ -103,31 +104,19 @@ def _full_slice_sums(scores: torch.Tensor, truth: torch.Tensor, labels: torch.Te
                      sums: dict[str, dict[str, float]]) -> None:
     """Add one user chunk's per-slice Recall/NDCG/HR sums to `sums` (slice → metric → sum).
 
-    The top-k list is the one `full_ranking_metrics` ranks (same tie-break against every
-    held-out item); a slice counts only its own held-out items as hits and as relevant."""
-    max_k = min(max(ks), scores.shape[1])
-    key = scores.double()   # as metrics.topk_hits: ties broken against relevant items
-    key = torch.where(truth, key - (key.abs() * 1e-10 + 1e-300), key)
-    top = torch.topk(key, max_k, dim=1).indices
-    hit_any = torch.gather(truth, 1, top)
-    top_label = labels[top]
-    discounts = 1.0 / torch.log2(torch.arange(max_k, dtype=torch.float32) + 2.0)
+    The top-k list is the one `full_ranking_metrics` ranks (computed once, same tie-break
+    against every held-out item); a slice counts only its own held-out items as hits and as
+    relevant."""
+    top = topk_items(scores, truth, min(max(ks), scores.shape[1]))
+    hit_any, top_label = torch.gather(truth, 1, top), labels[top]
     for i, name in enumerate(SLICE_NAMES):
         n_rel = (truth & (labels == i)[None, :]).sum(1).float()
         keep = n_rel > 0
         hits = (hit_any & (top_label == i))[keep].float()
-        n_rel = n_rel[keep]
         acc = sums.setdefault(name, {})
-        acc["users"] = acc.get("users", 0.0) + float(keep.sum())
         acc["pairs"] = acc.get("pairs", 0.0) + n_rel.sum().item()
-        for k in ks:
-            h = hits[:, :k]
-            dcg = (h * discounts[:k]).sum(1)
-            ideal_len = torch.clamp(n_rel, max=min(k, max_k)).long()
-            idcg = torch.cumsum(discounts[:k], 0)[ideal_len - 1]
-            for metric, value in ((f"recall@{k}", h.sum(1) / n_rel), (f"ndcg@{k}", dcg / idcg),
-                                  (f"hr@{k}", (h.sum(1) > 0).float())):
-                acc[metric] = acc.get(metric, 0.0) + value.sum().item()
+        for metric, value in ranking_sums(hits, n_rel[keep], ks).items():
+            acc[metric] = acc.get(metric, 0.0) + value
 
 
 def _held_out(split: Split, which: str):

@@ -42,8 +42,8 @@ def sampled_metrics(scores: torch.Tensor, ks=DEFAULT_KS, valid: torch.Tensor | N
     return out
 
 
-def topk_hits(scores: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean (users × k): whether each of the top-k scored items is relevant.
+def topk_items(scores: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (users × k) of the top-k scored items, ties broken against relevant items.
 
     `scores` has excluded items already set to -inf; `truth` is a bool matrix of relevant items.
     """
@@ -51,8 +51,28 @@ def topk_hits(scores: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor
     # relevant score down by far less than the gap between two distinct float32 values.
     key = scores.double()
     key = torch.where(truth, key - (key.abs() * 1e-10 + 1e-300), key)
-    top = torch.topk(key, k, dim=1).indices
-    return torch.gather(truth, 1, top)
+    return torch.topk(key, k, dim=1).indices
+
+
+def topk_hits(scores: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean (users × k): whether each of the top-k scored items is relevant."""
+    return torch.gather(truth, 1, topk_items(scores, truth, k))
+
+
+def ranking_sums(hits: torch.Tensor, n_rel: torch.Tensor, ks=DEFAULT_KS) -> dict:
+    """Recall@k, NDCG@k and HR@k summed over users from their top-k `hits` (users × max k,
+    float) and their relevant counts `n_rel` (each > 0), plus "users"."""
+    discounts = 1.0 / torch.log2(torch.arange(hits.shape[1], dtype=torch.float32) + 2.0)
+    out = {"users": float(len(n_rel))}
+    for k in ks:
+        h = hits[:, :k]
+        dcg = (h * discounts[:k]).sum(1)
+        ideal_len = torch.clamp(n_rel, max=k).long()
+        idcg = torch.cumsum(discounts[:k], 0)[ideal_len - 1]
+        out[f"recall@{k}"] = (h.sum(1) / n_rel).sum().item()
+        out[f"ndcg@{k}"] = (dcg / idcg).sum().item()
+        out[f"hr@{k}"] = (h.sum(1) > 0).float().sum().item()
+    return out
 
 
 def full_ranking_metrics(scores: torch.Tensor, truth: torch.Tensor, ks=DEFAULT_KS) -> dict:
@@ -63,19 +83,8 @@ def full_ranking_metrics(scores: torch.Tensor, truth: torch.Tensor, ks=DEFAULT_K
     n_rel = truth.sum(1).float()
     keep = n_rel > 0
     scores, truth, n_rel = scores[keep], truth[keep], n_rel[keep]
-    max_k = max(ks)
-    hits = topk_hits(scores, truth, min(max_k, scores.shape[1])).float()
-    discounts = 1.0 / torch.log2(torch.arange(hits.shape[1], dtype=torch.float32) + 2.0)
-    out = {"users": float(keep.sum())}
-    for k in ks:
-        h = hits[:, :k]
-        dcg = (h * discounts[:k]).sum(1)
-        ideal_len = torch.clamp(n_rel, max=k).long()
-        idcg = torch.cumsum(discounts[:k], 0)[ideal_len - 1]
-        out[f"recall@{k}"] = (h.sum(1) / n_rel).sum().item()
-        out[f"ndcg@{k}"] = (dcg / idcg).sum().item()
-        out[f"hr@{k}"] = (h.sum(1) > 0).float().sum().item()
-    return out
+    hits = topk_hits(scores, truth, min(max(ks), scores.shape[1])).float()
+    return ranking_sums(hits, n_rel, ks)
 
 
 def mean_std(runs: list[dict]) -> dict:

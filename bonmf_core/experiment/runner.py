@@ -24,7 +24,8 @@ from bonmf_core.data.dataset import Dataset
 from bonmf_core.data.splits import Split, make_splits
 from bonmf_core.evaluation.evaluator import evaluate, popularity_slices
 from bonmf_core.evaluation.metrics import mean_std
-from bonmf_core.experiment.variants import BASELINES, fit_variant, modalities_of, parse_variants
+from bonmf_core.experiment.variants import (BASELINES, SGD_BASELINES, fit_variant,
+                                            modalities_of, parse_variants)
 from bonmf_core.hashing import sha256_array, sha256_json
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ def fit_spec(variant: str, dataset_hash: str, split: Split, cfg: BonmfConfig, se
     spec = {"v": CACHE_VERSION, "variant": variant, "seed": seed, "dataset": dataset_hash,
             "split": split.describe(), "features": {m: feature_ids.get(m) for m in used},
             "train": schedule.model_dump(mode="json"), "metric": cfg.train.metric,
-            "model": cfg.model.model_dump(mode="json") if variant not in BASELINES else None}
+            "model": cfg.model.model_dump(mode="json") if variant not in BASELINES else None,
+            # the recorded metrics include the popularity slices these thresholds define
+            "slices": {"head_share": cfg.protocol.head_share,
+                       "tail_max_interactions": cfg.protocol.tail_max_interactions}}
     if distributed.enabled():   # a DDP fit is not bit-identical to the one-process fit
         spec["world_size"] = distributed.world_size()
     return json.loads(json.dumps(spec, sort_keys=True, default=str))
@@ -57,8 +61,7 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     "best_epoch", "history", "split", "spec", "slice_definition"}. With `cache_root` the BoNMF
     model is saved there (`save_model`) and the same fit later is reused; baselines keep only
     metrics. `metrics["slices"]`: the item-popularity slices' metrics (`popularity_slices`
-    with `cfg.protocol.head_share` / `tail_max_interactions`); a cached record measured
-    without them, or with other thresholds, is not reused.
+    with `cfg.protocol.head_share` / `tail_max_interactions`, part of the cache key).
     """
     seed = split.seed or 0
     spec = fit_spec(variant, dataset_hash, split, cfg, seed, feature_ids)
@@ -67,11 +70,11 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     # Under torchrun rank 0 decides (its cache may be the only one), the others follow.
     slices = popularity_slices(split, cfg.protocol.head_share,
                                cfg.protocol.tail_max_interactions)
-    cached = distributed.on_main(lambda: _cached(folder, slices.thresholds()))
+    cached = distributed.on_main(lambda: _cached(folder))
     if cached is not None:
         return cached
     started = time.perf_counter()
-    if distributed.is_main() or variant in ("bpr", "mf") or variant not in BASELINES:
+    if distributed.is_main() or variant in SGD_BASELINES or variant not in BASELINES:
         scorer, train_result = fit_variant(variant, dataset, split, cfg, seed, features)
     else:   # a baseline without SGD: rank 0 alone fits it
         scorer, train_result = None, None
@@ -102,13 +105,9 @@ def fit_one(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig,
     return result
 
 
-def _cached(folder: Path | None, slice_thresholds: dict | None = None) -> dict | None:
+def _cached(folder: Path | None) -> dict | None:
     if folder is not None and (folder / "result.json").exists():
         result = json.loads((folder / "result.json").read_text())
-        defined = result.get("slice_definition") or {}
-        if slice_thresholds is not None and any(defined.get(k) != v
-                                                for k, v in slice_thresholds.items()):
-            return None   # measured before the slices or with other thresholds: fit again
         if result.get("artifact_path") is None or Path(result["artifact_path"]).exists():
             result["reused"] = True
             return result

@@ -32,6 +32,7 @@ from bonmf_core.training import train, train_with_refit
 log = logging.getLogger(__name__)
 
 BASELINES = BASELINE_VARIANTS
+SGD_BASELINES = ("bpr", "mf")   # trained by `training.train`: every torchrun rank takes part
 VARIANTS = BASELINE_VARIANTS + BONMF_VARIANTS
 CONTENT_KNN_NEIGHBORS = (None, 10)  # None = all of the history; chosen on validation
 

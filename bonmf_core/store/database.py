@@ -81,7 +81,7 @@ class Store:
     @property
     def safe_url(self) -> str:
         """The URL with its password masked: what messages and logs may show."""
-        return self.engine.url.render_as_string(hide_password=True)
+        return masked_url(self.url)
 
     @property
     def dialect(self) -> str:
