@@ -1,6 +1,6 @@
 """Quality benchmark: variants × seeds on one protocol, mean ± std, written as JSON.
 
-    python benchmarks/quality.py --data demo|DIR --protocol ncf|full|cold_items \
+    python benchmarks/quality.py --data demo|DIR --protocol ncf|full|cold_items|cold_users \
         --variants pop,bpr,id,text,image,text+image --seeds 0,1,2 --out FILE.json
 
 For ML-1M with the canonical NCF test files pass `--ncf-dir ../shared/datasets/ml-1m-ncf`.
@@ -22,7 +22,7 @@ import sys
 
 from bonmf_core import distributed
 from bonmf_core.atomic import write_json
-from bonmf_core.config import add_config_arguments, load_config
+from bonmf_core.config import PROTOCOLS, add_config_arguments, load_config
 from bonmf_core.errors import ConfigError
 from bonmf_core.data.readers import load_dataset
 from bonmf_core.experiment.report import format_table
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="demo | a dataset directory (default: data.source)")
-    p.add_argument("--protocol", choices=("ncf", "full", "cold_items"), default=None)
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None)
     p.add_argument("--variants", default=None,
                    help="comma-separated (default: pipeline.candidates + pipeline.baselines)")
     p.add_argument("--seeds", default=None, help="comma-separated (default: protocol.seeds)")

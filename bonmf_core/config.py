@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -67,8 +67,12 @@ class DataConfig(Section):
                                                                        "folder's ratings")
 
 
+ProtocolName = Literal["ncf", "full", "cold_items", "cold_users"]
+PROTOCOLS: tuple[str, ...] = get_args(ProtocolName)
+
+
 class ProtocolConfig(Section):
-    name: Literal["ncf", "full", "cold_items"] = "ncf"
+    name: ProtocolName = "ncf"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     ks: list[int] = Field(default_factory=lambda: [10], min_length=1)
     ncf_dir: str | None = Field(None, description="canonical NCF test files, e.g. "
@@ -78,6 +82,13 @@ class ProtocolConfig(Section):
         None, description="full protocol: interactions rated below this are dropped before "
                           "the split (3 = RecBole's ML-1M setup); null = every rating counts")
     cold_fraction: float = Field(0.2, gt=0, lt=1, description="cold_items protocol")
+    cold_user_fraction: float = Field(
+        0.2, gt=0, lt=1, description="cold_users protocol: share of the users held out of "
+                                     "training entirely (seeded); another 10% validate")
+    given: list[int] = Field(
+        default_factory=lambda: [3], min_length=1,
+        description="cold_users protocol: earliest interactions each held-out user reveals; "
+                    "a list reports each, the first is the headline (gate, early stopping)")
     head_share: float = Field(
         0.2, gt=0, le=1, description="popularity slices: `head` = the most popular items (by "
                                      "training interactions) until they hold this share of "
@@ -92,6 +103,18 @@ class ProtocolConfig(Section):
         if any(k < 1 for k in ks):
             raise ValueError(f"every k must be >= 1, got {ks}")
         return ks
+
+    @field_validator("given", mode="before")
+    @classmethod
+    def _given_list(cls, given):
+        return [given] if isinstance(given, int) else given   # `--set protocol.given=5`
+
+    @field_validator("given")
+    @classmethod
+    def _positive_given(cls, given: list[int]) -> list[int]:
+        if any(g < 1 for g in given) or len(set(given)) != len(given):
+            raise ValueError(f"given must be distinct counts >= 1, got {given}")
+        return given
 
 
 class ModelConfig(Section):

@@ -104,6 +104,8 @@ def train(model: nn.Module, split: Split, cfg: TrainConfig, *, seed: int = 0,
     warm = split.warm_items()
     if hasattr(model, "warm_items"):
         model.warm_items.copy_(torch.from_numpy(warm))
+    if hasattr(model, "warm_users"):
+        model.warm_users.copy_(torch.from_numpy(split.warm_users()))
     # Negatives come from items seen in training only: sampling held-out (cold) items as
     # negatives would teach the model that they are bad for everyone.
     sampler = NegativeSampler(users, items, split.n_users, split.n_items, np.flatnonzero(warm), gen)

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bonmf_core.config import add_config_arguments
+from bonmf_core.config import PROTOCOLS, add_config_arguments
 from bonmf_core.errors import ConfigError, ConfigMismatchError, DataError, LeakageError
 
 # Loggers of the libraries underneath: WARNING unless -v (their INFO chatter buries the summary).
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", default=None,
                      help="'demo' (default), a MovieLens-1M directory or a saved dataset")
     _config_options(run)
-    run.add_argument("--protocol", choices=("ncf", "full", "cold_items"), default=None)
+    run.add_argument("--protocol", choices=PROTOCOLS, default=None)
     run.add_argument("--ncf-dir", default=None,
                      help="canonical NCF test files (ml-1m.test.rating/.negative)")
     run.add_argument("--variants", default=None,

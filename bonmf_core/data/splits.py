@@ -5,6 +5,8 @@
   canonical ML-1M NCF files, so numbers compare with the published ones.
 - `full`: per-user 8:1:1 ratio split (random or temporal); every item is ranked.
 - `cold_items`: a seeded share of items held out entirely; they are ranked for their users.
+- `cold_users`: a seeded share of users held out of training entirely; each reveals their
+  earliest `given` interactions and the rest are ranked against every item not revealed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bonmf_core.config import ProtocolConfig
+from bonmf_core.config import PROTOCOLS, ProtocolConfig
 from bonmf_core.data.dataset import Dataset
 from bonmf_core.errors import ConfigError, DataError, LeakageError
 
-PROTOCOLS = ("ncf", "full", "cold_items")
 _PROTOCOL = ProtocolConfig()   # option defaults are the configuration's
 
 
@@ -30,6 +31,8 @@ class Split:
     For `ncf`, `test_negatives`/`valid_negatives` hold the sampled candidates aligned with the
     rows of `test`/`valid` (one row per user). For `cold_items`, `cold_test_items` and
     `cold_valid_items` are the held-out items (the candidate sets of test and validation).
+    For `cold_users`, `test`/`valid` hold every interaction of the held-out users in time
+    order, and `given` the counts each user reveals from the start of it (`reveal`).
     """
 
     protocol: str
@@ -43,6 +46,7 @@ class Split:
     valid_negatives: np.ndarray | None = None
     cold_test_items: np.ndarray | None = None
     cold_valid_items: np.ndarray | None = None
+    given: tuple[int, ...] = ()
     info: dict = field(default_factory=dict)
 
     def warm_items(self) -> np.ndarray:
@@ -50,6 +54,24 @@ class Split:
         mask = np.zeros(self.n_items, bool)
         mask[self.train["item"].to_numpy()] = True
         return mask
+
+    def warm_users(self) -> np.ndarray:
+        """Boolean mask of users that have at least one training interaction."""
+        mask = np.zeros(self.n_users, bool)
+        mask[self.train["user"].to_numpy()] = True
+        return mask
+
+    def reveal(self, which: str, given: int) -> tuple[np.ndarray, list[np.ndarray],
+                                                      pd.DataFrame]:
+        """`cold_users`: (users, each one's `given` earliest items, the rest of their
+        interactions as a frame: what is ranked) for the `valid` or `test` users."""
+        frame = self.test if which == "test" else self.valid
+        position = frame.groupby("user", sort=False).cumcount().to_numpy()
+        shown = frame[position < given]
+        users, starts = np.unique(shown["user"].to_numpy(), return_index=True)
+        items = shown["item"].to_numpy()[np.argsort(shown["user"].to_numpy(), kind="stable")]
+        bounds = list(starts[1:]) if len(starts) else []
+        return users, np.split(items, bounds), frame[position >= given].reset_index(drop=True)
 
     def describe(self) -> dict:
         return {"protocol": self.protocol, "seed": self.seed, "train": len(self.train),
@@ -299,6 +321,40 @@ def cold_item_split(dataset: Dataset, seed: int = 0, fraction: float = _PROTOCOL
                        "cold_test_items": int(n_test), "cold_valid_items": int(n_valid)})
 
 
+def cold_user_split(dataset: Dataset, seed: int = 0,
+                    fraction: float = _PROTOCOL.cold_user_fraction,
+                    given=tuple(_PROTOCOL.given), valid_fraction: float = 0.1) -> Split:
+    """Hold out a seeded `fraction` of the users entirely (test) and `valid_fraction`
+    (validation); everyone else's interactions are the training set.
+
+    Only users with more than max(`given`) interactions can be held out (each must keep an
+    item to rank after revealing); the others always train. A held-out user's interactions stay
+    in time order (`implicit_pairs`), so `Split.reveal` shows the earliest ones.
+    """
+    given = tuple(int(g) for g in given)
+    pairs = implicit_pairs(dataset)
+    counts = np.bincount(pairs["user"], minlength=dataset.n_users)
+    eligible = np.flatnonzero(counts > max(given))
+    shuffled = np.random.default_rng(seed).permutation(eligible)
+    n_test = int(round(fraction * len(eligible)))
+    n_valid = int(round(valid_fraction * len(eligible)))
+    if n_test == 0 or len(eligible) - n_test - n_valid < 1:
+        raise DataError(f"cold_users needs users with more than {max(given)} interactions to "
+                        f"hold out, and others to train on: {dataset.name} has "
+                        f"{len(eligible)} of {dataset.n_users}", field="protocol.given")
+    role = np.zeros(dataset.n_users, np.int8)            # 0 train, 1 valid, 2 test
+    role[shuffled[:n_test]] = 2
+    role[shuffled[n_test:n_test + n_valid]] = 1
+    of = role[pairs["user"].to_numpy()]
+    cols = ["user", "item"]
+    frames = [pairs.loc[of == r, cols].reset_index(drop=True) for r in (0, 1, 2)]
+    return Split("cold_users", dataset.n_users, dataset.n_items, *frames, seed=seed,
+                 given=given,
+                 info={"cold_user_fraction": fraction, "cold_valid_fraction": valid_fraction,
+                       "given": list(given), "eligible_users": int(len(eligible)),
+                       "cold_test_users": n_test, "cold_valid_users": n_valid})
+
+
 def make_split(dataset: Dataset, protocol: ProtocolConfig, seed: int) -> Split:
     """The split of `protocol` (the params `protocol` section) for one seed."""
     if protocol.min_rating is not None and protocol.name != "full":
@@ -314,6 +370,9 @@ def make_split(dataset: Dataset, protocol: ProtocolConfig, seed: int) -> Split:
                            min_rating=protocol.min_rating)
     if protocol.name == "cold_items":
         return cold_item_split(dataset, seed=seed, fraction=protocol.cold_fraction)
+    if protocol.name == "cold_users":
+        return cold_user_split(dataset, seed=seed, fraction=protocol.cold_user_fraction,
+                               given=protocol.given)
     raise ValueError(f"unknown protocol {protocol.name!r}; choose from {', '.join(PROTOCOLS)}")
 
 

@@ -2,6 +2,8 @@
 
 A scorer is anything with `score_pairs(users, items) -> Tensor` and
 `score_users(users) -> Tensor (len(users) × n_items)`: BoNMF, BPR-MF and popularity alike.
+Under `cold_users` the users were never trained on, so the scorer needs `score_profiles(users,
+revealed items)` instead (`ProfileScorer`: BoNMF by fold-in, `pop`, `item_knn`, `ease`).
 
 Item-popularity slices (`popularity_slices`, passed as `evaluate(..., slices=)`): from the
 split's *training* interactions only, `head` = the most popular items until they hold
@@ -36,6 +38,14 @@ class Scorer(Protocol):
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor: ...
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor: ...
+
+
+class ProfileScorer(Scorer, Protocol):
+    """A scorer of users it never trained on (`cold_users`): from the items each one reveals
+    (and, for BoNMF with user attributes, the user's attributes) → (len(users) × n_items)."""
+
+    def score_profiles(self, users: torch.Tensor, profiles: list[np.ndarray]
+                       ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,13 @@ def check_no_leakage(split: Split, which: str = "test") -> None:
     """The guard run before every evaluation: held-out pairs (and cold items) unseen in training."""
     frame, _, cold = _held_out(split, which)
     assert_no_overlap(split.train, frame, what=which)
+    if split.protocol == "cold_users":
+        trained = np.isin(frame["user"].to_numpy(), split.train["user"].to_numpy())
+        if trained.any():
+            raise LeakageError(f"{int(trained.sum())} {which} interactions belong to users "
+                               f"with training interactions (e.g. user "
+                               f"{frame['user'].to_numpy()[trained][0]}); cold users must be "
+                               f"unseen; refusing to evaluate")
     if cold is not None and np.isin(cold, split.train["item"].to_numpy()).any():
         raise LeakageError(f"cold {which} items have training interactions; refusing to evaluate")
 
@@ -197,6 +214,47 @@ def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_
     return out
 
 
+@torch.no_grad()   # not inference_mode: BoNMF's fold-in differentiates (its own enable_grad)
+def evaluate_cold_users(scorer: ProfileScorer, split: Split, which: str = "test",
+                        ks=DEFAULT_KS, chunk: int = 1024, slices: ItemSlices | None = None
+                        ) -> dict:
+    """`cold_users`: each held-out user reveals their earliest `g` interactions; the rest are
+    ranked against every item except the revealed ones (HR/NDCG/Recall@k), for each `g` in
+    `split.given` on the test set — the first `g` as the plain keys (with "slices"), the others
+    as "given{g}/<metric>" — and for the first `g` alone on the validation set."""
+    if not hasattr(scorer, "score_profiles"):
+        raise ValueError(f"{type(scorer).__name__} cannot score users it never trained on "
+                         f"(cold_users needs score_profiles)")
+    givens = split.given if which == "test" else split.given[:1]
+    out: dict = {}
+    labels = None if slices is None else torch.from_numpy(slices.labels.astype(np.int64))
+    for g in givens:
+        users, profiles, rest = split.reveal(which, g)
+        truth_all = positive_matrix(split.n_users, split.n_items, rest)
+        sums: dict[str, float] = {}
+        slice_sums: dict[str, dict[str, float]] = {}
+        for start in range(0, len(users), chunk):
+            block, shown = users[start:start + chunk], profiles[start:start + chunk]
+            scores = scorer.score_profiles(torch.from_numpy(block).long(), shown).float()
+            rows = np.repeat(np.arange(len(block)), [len(p) for p in shown])
+            scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(shown))] = -np.inf
+            truth = torch.from_numpy(truth_all[block].toarray())
+            for key, value in full_ranking_metrics(scores, truth, ks).items():
+                sums[key] = sums.get(key, 0.0) + value
+            if labels is not None and g == givens[0]:
+                _full_slice_sums(scores, truth, labels, ks, slice_sums)
+        n = max(sums.pop("users", 0.0), 1.0)
+        means = {k: v / n for k, v in sums.items()}
+        if g == givens[0]:
+            out.update(means, users=n, given=float(g))
+            if slices is not None:
+                out["slices"] = {name: _slice_record(slice_sums.get(name, {}))
+                                 for name in SLICE_NAMES}
+        else:
+            out.update({f"given{g}/{k}": v for k, v in means.items()})
+    return out
+
+
 def evaluate(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS,
              slices: ItemSlices | None = None) -> dict:
     """Metrics of `scorer` on the split's `which` set, by the split's protocol.
@@ -210,4 +268,6 @@ def evaluate(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_KS,
     if split.protocol == "ncf":
         return evaluate_sampled(scorer, frame["user"].to_numpy(), frame["item"].to_numpy(),
                                 negatives, ks, slices=slices)
+    if split.protocol == "cold_users":
+        return evaluate_cold_users(scorer, split, which, ks, slices=slices)
     return evaluate_full(scorer, split, which, ks, slices=slices)

@@ -24,8 +24,8 @@ from bonmf_core.data.dataset import Dataset
 from bonmf_core.data.splits import Split, make_splits
 from bonmf_core.evaluation.evaluator import evaluate, popularity_slices
 from bonmf_core.evaluation.metrics import mean_std
-from bonmf_core.experiment.variants import (BASELINES, SGD_BASELINES, fit_variant,
-                                            modalities_of, parse_variants)
+from bonmf_core.experiment.variants import (BASELINES, SGD_BASELINES, check_protocol,
+                                            fit_variant, modalities_of, parse_variants)
 from bonmf_core.hashing import sha256_array, sha256_json
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def run_fits(variants, dataset: Dataset, splits: list[Split], cfg: BonmfConfig,
     identity and the dataset hash: a cold encode and a cache read are the same features);
     default: a hash of its bytes.
     """
+    check_protocol(variants, cfg.protocol.name)
     dataset_hash = dataset_hash or dataset.content_hash()
     ids = {m: (feature_ids or {}).get(m) or sha256_array(f)[:16] for m, f in features.items()}
     fits = []
@@ -204,6 +205,8 @@ def results_record(cfg: BonmfConfig, splits: list[dict], dataset: dict, results:
         "protocol_details": {"splits": splits, "ncf_dir": protocol.ncf_dir,
                              "order": protocol.order, "cold_fraction": protocol.cold_fraction,
                              "min_rating": protocol.min_rating,
+                             "cold_user_fraction": protocol.cold_user_fraction,
+                             "given": protocol.given,
                              "slices": {"head_share": protocol.head_share,
                                         "tail_max_interactions":
                                             protocol.tail_max_interactions}},

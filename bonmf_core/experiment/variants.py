@@ -4,7 +4,8 @@ Variants: `pop` (popularity), `bpr` (BPR-MF), the item-item baselines `ease` (EA
 form, λ picked on validation) and `item_knn` (item cosine, neighbour count picked on
 validation), `mf` (dot-product MF with biases and the logistic loss over many sampled
 negatives, Rendle et al. 2020; its dimension picked on validation), the cold-item baselines `genre_pop` (popularity of the item's genres) and
-`content_knn` (content similarity to the user's history, in the text+image encoder space),
+`content_knn` (content similarity to the user's history, in the text+image encoder space)
+— under `cold_users` only `pop`, `item_knn`, `ease` and BoNMF apply (`check_protocol`) —
 and BoNMF with its item-side modalities — `id` (= NeuMF), `text`,
 `image`, `text+image` (ID embedding plus the named content).
 The runner (`experiment.runner`) gives every variant of a seed the same split, so
@@ -27,6 +28,7 @@ from bonmf_core.evaluation.evaluator import evaluate
 from bonmf_core.config import BASELINE_VARIANTS, BONMF_VARIANTS, BonmfConfig, ModelConfig
 from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 from bonmf_core.data.splits import Split
+from bonmf_core.errors import ConfigError
 from bonmf_core.training import train, train_with_refit
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,20 @@ BASELINES = BASELINE_VARIANTS
 SGD_BASELINES = ("bpr", "mf")   # trained by `training.train`: every torchrun rank takes part
 VARIANTS = BASELINE_VARIANTS + BONMF_VARIANTS
 CONTENT_KNN_NEIGHBORS = (None, 10)  # None = all of the history; chosen on validation
+# What can score users it never trained on (`cold_users`: `score_profiles`): BoNMF by fold-in,
+# the item-item baselines from the revealed items, popularity for everyone alike.
+COLD_USER_VARIANTS = ("pop", "item_knn", "ease") + BONMF_VARIANTS
+
+
+def check_protocol(variants, protocol: str) -> None:
+    """Refuse, before anything trains, variants that cannot answer the protocol's question."""
+    if protocol == "cold_users":
+        wrong = [v for v in variants if v not in COLD_USER_VARIANTS]
+        if wrong:
+            raise ConfigError(
+                f"variants {', '.join(wrong)} cannot score users they never trained on "
+                f"(protocol cold_users); choose from {', '.join(COLD_USER_VARIANTS)} "
+                f"(e.g. --set pipeline.baselines=[pop,item_knn])")
 
 
 def parse_variants(spec: str | list[str]) -> list[str]:

@@ -79,6 +79,8 @@ def load_model(path: str | Path, expected: dict | None = None) -> tuple[BoNMF, d
             raise ConfigMismatchError(f"{path}: model config does not match: " + "; ".join(diffs))
     config = BoNMFConfig.from_dict(meta["model"])
     state = load_file(str(path / "model.safetensors"))
+    # Artifacts saved before `warm_users` existed trained every user (no cold_users protocol).
+    state.setdefault("warm_users", torch.ones(config.n_users, dtype=torch.bool))
     features = {m: state[f"feat_{m}"] for m in config.modalities if f"feat_{m}" in state}
     try:
         model = BoNMF(config, features=features, user_attributes=state.get("user_attributes"))

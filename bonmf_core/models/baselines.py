@@ -25,6 +25,10 @@ class Popularity:
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         return self.counts.expand(len(users), -1)
 
+    def score_profiles(self, users: torch.Tensor, profiles) -> torch.Tensor:
+        """New users (`cold_users`): the same popularity for everyone, whatever they revealed."""
+        return self.counts.expand(len(profiles), -1).clone()
+
 
 class MatrixFactorization(nn.Module):
     """Dot-product MF with an item bias (BPR-MF when trained with the BPR loss)."""
@@ -199,6 +203,19 @@ class _ItemItemScorer:
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         rows = self.x[users.cpu().numpy()]
         return torch.from_numpy(np.asarray(rows @ self.weights.numpy(), dtype=np.float32))
+
+    def score_profiles(self, users: torch.Tensor, profiles) -> torch.Tensor:
+        """Users never trained on (`cold_users`): the same X · W with X the items each one
+        revealed, so item_knn scores a new user from their revealed items' neighbours."""
+        import scipy.sparse as sp
+
+        rows = np.repeat(np.arange(len(profiles)), [len(p) for p in profiles])
+        cols = np.concatenate([np.asarray(p, np.int64) for p in profiles]) if profiles else []
+        x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                          shape=(len(profiles), self.weights.shape[0]))
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        return torch.from_numpy(np.asarray(x @ self.weights.numpy(), dtype=np.float32))
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         scores = self.score_users(users)

@@ -161,6 +161,9 @@ class BoNMF(nn.Module):
                 raise ValueError("user_attributes must be n_users × n_attributes codes")
             self.register_buffer("user_attributes", user_attributes.long())
         self.register_buffer("warm_items", torch.ones(c.n_items, dtype=torch.bool))
+        # Users with training interactions: a new user's fold-in starts from their mean
+        # (under `cold_users` the held-out users' rows stay at their random start).
+        self.register_buffer("warm_users", torch.ones(c.n_users, dtype=torch.bool))
         self.reset_parameters()
 
     def _reduced_dim(self, modality: str) -> int:
@@ -308,34 +311,92 @@ class BoNMF(nn.Module):
                              f"{', '.join(self.config.modalities)})")
         return sum(project(self.reduce_features(m, raw[m])) for m, project in self.content.items())
 
+    def cold_start_vectors(self, users: torch.Tensor | None = None, n: int = 1
+                           ) -> torch.Tensor:
+        """Where fold-in starts for users it has never trained on (n or len(users), W): the
+        mean user ID embedding, plus the given users' attribute embeddings when the model has
+        them (`cold_users` knows a held-out user's attributes; a service caller has none)."""
+        with torch.no_grad():
+            warm = torch.nonzero(self.warm_users).squeeze(1)
+            if users is None or not self.config.user_attribute_cardinalities:
+                mean = self.user_vectors(warm).mean(0)
+                return mean.expand(n if users is None else len(users), -1).clone()
+            vec = self.user_embedding.weight[warm].mean(0).expand(len(users), -1).clone()
+            codes = self.user_attributes[users]
+            for j, emb in enumerate(self.user_attr):
+                vec = vec + emb(codes[:, j])
+            return vec
+
     def fold_in(self, liked: Sequence[int], items: Side | None = None, *,
                 steps: int = FOLD_IN_STEPS, negatives: int = FOLD_IN_NEGATIVES,
                 lr: float = FOLD_IN_LR, reg: float = FOLD_IN_REG) -> torch.Tensor:
-        """A user vector (W,) for a profile of liked item indices, everything trained frozen:
-        BCE against the liked items and sampled other items, from the mean user vector.
+        """A user vector (W,) for one profile of liked item indices: `fold_in_many` of it."""
+        return self.fold_in_many([liked], items, steps=steps, negatives=negatives, lr=lr,
+                                 reg=reg)[0]
 
-        The sampling generator is seeded by the profile, so the same profile always gets the
-        same vector. `items`: `item_side` of all items when the caller has it already.
-        Not under `torch.inference_mode` (it differentiates).
+    def fold_in_many(self, profiles: Sequence[Sequence[int]], items: Side | None = None, *,
+                     starts: torch.Tensor | None = None, steps: int = FOLD_IN_STEPS,
+                     negatives: int = FOLD_IN_NEGATIVES, lr: float = FOLD_IN_LR,
+                     reg: float = FOLD_IN_REG) -> torch.Tensor:
+        """User vectors (P, W) for profiles of liked item indices, everything trained frozen:
+        per profile, BCE against its liked items and sampled other items plus L2 on the vector,
+        from `starts` (default: `cold_start_vectors`). The service's new-user answer and the
+        `cold_users` protocol are this one function.
+
+        Each profile's loss is its own mean, summed over profiles, and Adam is per element:
+        a profile gets the same vector alone or in a batch. Its negatives come from a generator
+        seeded by the profile, so the same profile always gets the same vector. `items`:
+        `item_side` of all items when the caller has it already. Not under
+        `torch.inference_mode` (it differentiates).
         """
-        liked = torch.as_tensor(sorted(set(int(i) for i in liked)), dtype=torch.long)
+        liked = [torch.as_tensor(sorted(set(int(i) for i in p)), dtype=torch.long)
+                 for p in profiles]
         with torch.no_grad():
             if items is None:
                 items = self.item_side(self.item_vectors(torch.arange(self.config.n_items)))
-            start = self.user_vectors(torch.arange(self.config.n_users)).mean(0)
-        gen = torch.Generator().manual_seed(len(liked) * 7919 + int(liked.sum()))
-        pool = _others(len(items.vectors), liked)
-        n_neg = max(16, negatives * len(liked))
-        labels = torch.cat([torch.ones(len(liked)), torch.zeros(n_neg)])
-        u = start.clone().requires_grad_(True)
+            start = self.cold_start_vectors(n=len(liked)) if starts is None else starts
+        rows, weights, labels = self._fold_in_rows(liked, len(items.vectors), steps, negatives)
+        u = start.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
-        with torch.enable_grad():
-            for _ in range(steps):
-                rows = torch.cat([liked, pool[torch.randint(len(pool), (n_neg,), generator=gen)]])
-                logits = self._pair_logits(self.user_side(u), items.select(rows))
-                loss = nn.functional.binary_cross_entropy_with_logits(logits, labels) + \
-                    reg * u.pow(2).sum()
+        with torch.inference_mode(False), torch.enable_grad():
+            for step in range(steps):
+                logits = self._pair_logits(self.user_side(u[:, None, :]),
+                                           items.select(rows[:, step]))
+                bce = nn.functional.binary_cross_entropy_with_logits(
+                    logits, labels, weight=weights, reduction="sum")
+                loss = bce + reg * u.pow(2).sum()
                 # The gradient of u alone: the trained weights stay frozen, their .grad untouched.
                 u.grad, = torch.autograd.grad(loss, [u])
                 opt.step()
         return u.detach()
+
+    @staticmethod
+    def _fold_in_rows(liked: list[torch.Tensor], n_items: int, steps: int, negatives: int):
+        """Per profile and step, its liked items then max(16, negatives × liked) items it did not
+        like, padded to one width → (rows (P, steps, width), weights (P, width): 1 / the
+        profile's own count on its entries and 0 on padding, labels (P, width): the logits'
+        shape at each step)."""
+        n_neg = [max(16, negatives * len(p)) for p in liked]
+        n_pos = max(len(p) for p in liked)
+        width = n_pos + max(n_neg)
+        rows = torch.zeros(len(liked), steps, width, dtype=torch.long)
+        weights = torch.zeros(len(liked), width)
+        labels = torch.zeros(len(liked), width)
+        for j, (p, k) in enumerate(zip(liked, n_neg)):
+            gen = torch.Generator().manual_seed(len(p) * 7919 + int(p.sum()))
+            pool = _others(n_items, p)
+            rows[j, :, :len(p)] = p
+            rows[j, :, n_pos:n_pos + k] = pool[torch.randint(len(pool), (steps, k), generator=gen)]
+            weights[j, :len(p)] = weights[j, n_pos:n_pos + k] = 1.0 / (len(p) + k)
+            labels[j, :len(p)] = 1.0
+        return rows, weights, labels
+
+    def score_profiles(self, users: torch.Tensor | None, profiles: Sequence[Sequence[int]]
+                       ) -> torch.Tensor:
+        """Scores of every item for users never trained on (P × n_items), from the items each
+        revealed (`fold_in_many`) and, with user attributes, the users' own (`cold_users`)."""
+        items = self.item_side(self.item_vectors(torch.arange(self.config.n_items)))
+        starts = self.cold_start_vectors(users, n=len(profiles))
+        vectors = self.fold_in_many(profiles, items, starts=starts)
+        with torch.no_grad():
+            return self.score_sides(self.user_side(vectors), items)

@@ -22,7 +22,8 @@ def _dataset(validated_dataset: dict):
 
 @dg.asset(group_name="training", kinds={"numpy"},
           description="Train / validation / test splits per seed for the configured protocol "
-                      "(ncf leave-one-out with 99 sampled negatives, full, or cold_items).")
+                      "(ncf leave-one-out with 99 sampled negatives, full, cold_items or "
+                      "cold_users).")
 def splits(context: dg.AssetExecutionContext, validated_dataset: dict,
            params: ParamsResource) -> dg.MaterializeResult:
     from bonmf_core.data.splits import make_splits
