@@ -69,6 +69,9 @@ def main(argv=None) -> int:
                    help="comma-separated (default: pipeline.candidates + pipeline.baselines)")
     p.add_argument("--seeds", default=None, help="comma-separated (default: protocol.seeds)")
     p.add_argument("--ncf-dir", default=None)
+    p.add_argument("--cache", default=None,
+                   help="fit cache folder: an unchanged (variant, seed) fit is reused from "
+                        "there and BoNMF models are saved in it (default: no cache)")
     add_config_arguments(p)
     p.add_argument("--out", required=True)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
         sys.exit(f"error: {exc}")
     with distributed.main_first():   # a generated demo is written once, by rank 0
         dataset = load_dataset(cfg.data)
-    results = run_protocol(dataset, cfg, args.variants)
+    results = run_protocol(dataset, cfg, args.variants, cache_root=args.cache)
     results["world_size"] = distributed.world_size()
     if not distributed.is_main():
         return 0

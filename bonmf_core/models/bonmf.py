@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 MODALITIES = ("id", "text", "image")
-# fold_in: Adam steps, sampled negatives per liked item (at least 16), step size, L2 on the
-# fitted vector. Few steps suffice: one vector against a fixed, trained scorer.
-FOLD_IN_STEPS, FOLD_IN_NEGATIVES, FOLD_IN_LR, FOLD_IN_REG = 60, 4, 0.05, 1e-3
+# fold_in (a new user's vector, `BoNMF.fold_in_many`): Newton steps, negatives per liked item
+# (as in training), the weight of the population prior. Chosen on the `cold_users` validation
+# users of ML-1M (benchmarks/fold_in.py; benchmarks/RESULTS.md).
+FOLD_IN_STEPS, FOLD_IN_NEGATIVES, FOLD_IN_PRIOR = 5, 4, 3.0
 
 
 @dataclass
@@ -97,13 +98,6 @@ class Side:
 
     def select(self, rows) -> "Side":
         return Side(self.vectors[rows], self.first[rows])
-
-
-def _others(n: int, taken: torch.Tensor) -> torch.Tensor:
-    """Indices below `n` not in `taken`; all of them when `taken` covers every index."""
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[taken] = False
-    return torch.nonzero(mask).squeeze(1) if mask.any() else torch.arange(n)
 
 
 def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
@@ -327,69 +321,98 @@ class BoNMF(nn.Module):
                 vec = vec + emb(codes[:, j])
             return vec
 
-    def fold_in(self, liked: Sequence[int], items: Side | None = None, *,
-                steps: int = FOLD_IN_STEPS, negatives: int = FOLD_IN_NEGATIVES,
-                lr: float = FOLD_IN_LR, reg: float = FOLD_IN_REG) -> torch.Tensor:
+    def user_prior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The population of trained user vectors as a Gaussian: its mean (W,) and precision
+        (W, W) (the inverse covariance, with a small ridge so it is always invertible). Cached
+        until the user weights change."""
+        tables = [self.user_embedding.weight, *(e.weight for e in self.user_attr),
+                  self.warm_users]
+        stamp = tuple((t.data_ptr(), t._version) for t in tables)
+        cached = self._reduced_cache.get("user_prior")
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                vectors = self.user_vectors(torch.nonzero(self.warm_users).squeeze(1))
+                mean = vectors.mean(0)
+                centred = vectors - mean
+                cov = centred.T @ centred / max(len(vectors) - 1, 1)
+                ridge = 1e-3 * cov.diagonal().mean().clamp_min(1e-8)
+                precision = torch.linalg.inv(cov + ridge * torch.eye(len(cov)))
+            cached = (stamp, (mean, precision))
+            self._reduced_cache["user_prior"] = cached
+        return cached[1]
+
+    def fold_in(self, liked: Sequence[int], items: Side | None = None, **options
+                ) -> torch.Tensor:
         """A user vector (W,) for one profile of liked item indices: `fold_in_many` of it."""
-        return self.fold_in_many([liked], items, steps=steps, negatives=negatives, lr=lr,
-                                 reg=reg)[0]
+        return self.fold_in_many([liked], items, **options)[0]
 
     def fold_in_many(self, profiles: Sequence[Sequence[int]], items: Side | None = None, *,
-                     starts: torch.Tensor | None = None, steps: int = FOLD_IN_STEPS,
-                     negatives: int = FOLD_IN_NEGATIVES, lr: float = FOLD_IN_LR,
-                     reg: float = FOLD_IN_REG) -> torch.Tensor:
+                     starts: torch.Tensor | None = None, prior: float = FOLD_IN_PRIOR,
+                     negatives: float = FOLD_IN_NEGATIVES, steps: int = FOLD_IN_STEPS,
+                     chunk: int = 32) -> torch.Tensor:
         """User vectors (P, W) for profiles of liked item indices, everything trained frozen:
-        per profile, BCE against its liked items and sampled other items plus L2 on the vector,
-        from `starts` (default: `cold_start_vectors`). The service's new-user answer and the
-        `cold_users` protocol are this one function.
+        the service's new-user answer and the `cold_users` protocol are this one function.
 
-        Each profile's loss is its own mean, summed over profiles, and Adam is per element:
-        a profile gets the same vector alone or in a batch. Its negatives come from a generator
-        seeded by the profile, so the same profile always gets the same vector. `items`:
-        `item_side` of all items when the caller has it already. Not under
-        `torch.inference_mode` (it differentiates).
+        Each vector is the MAP estimate under the population prior (`user_prior`, centred on
+        `starts`, default `cold_start_vectors`) of the training objective's expectation: the
+        logistic loss of every liked item as a positive plus `negatives` per liked item spread
+        evenly over every other item (what uniform negative sampling draws on average), plus
+        `prior`/2 · (u − start)ᵀ Σ⁻¹ (u − start). The head is piecewise linear in the user
+        vector (GMF is linear, the MLP is ReLU), so Gauss–Newton is Newton here: `steps`
+        solves of a W × W system instead of tens of stochastic gradient steps, and the answer is
+        deterministic — the same profile (in any order, with repeats) gets the same vector, alone
+        or in a batch. `items`: `item_side` of all items when the caller has it already.
         """
-        liked = [torch.as_tensor(sorted(set(int(i) for i in p)), dtype=torch.long)
-                 for p in profiles]
         with torch.no_grad():
             if items is None:
                 items = self.item_side(self.item_vectors(torch.arange(self.config.n_items)))
-            start = self.cold_start_vectors(n=len(liked)) if starts is None else starts
-        rows, weights, labels = self._fold_in_rows(liked, len(items.vectors), steps, negatives)
-        u = start.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=lr)
-        with torch.inference_mode(False), torch.enable_grad():
-            for step in range(steps):
-                logits = self._pair_logits(self.user_side(u[:, None, :]),
-                                           items.select(rows[:, step]))
-                bce = nn.functional.binary_cross_entropy_with_logits(
-                    logits, labels, weight=weights, reduction="sum")
-                loss = bce + reg * u.pow(2).sum()
-                # The gradient of u alone: the trained weights stay frozen, their .grad untouched.
-                u.grad, = torch.autograd.grad(loss, [u])
-                opt.step()
-        return u.detach()
+            if starts is None:
+                starts = self.cold_start_vectors(n=len(profiles))
+            _, precision = self.user_prior()
+            out = torch.empty_like(starts)
+            for s in range(0, len(profiles), chunk):
+                out[s:s + chunk] = self._map_user_vectors(
+                    profiles[s:s + chunk], items, starts[s:s + chunk], precision, prior,
+                    negatives, steps)
+        return out
 
-    @staticmethod
-    def _fold_in_rows(liked: list[torch.Tensor], n_items: int, steps: int, negatives: int):
-        """Per profile and step, its liked items then max(16, negatives × liked) items it did not
-        like, padded to one width → (rows (P, steps, width), weights (P, width): 1 / the
-        profile's own count on its entries and 0 on padding, labels (P, width): the logits'
-        shape at each step)."""
-        n_neg = [max(16, negatives * len(p)) for p in liked]
-        n_pos = max(len(p) for p in liked)
-        width = n_pos + max(n_neg)
-        rows = torch.zeros(len(liked), steps, width, dtype=torch.long)
-        weights = torch.zeros(len(liked), width)
-        labels = torch.zeros(len(liked), width)
-        for j, (p, k) in enumerate(zip(liked, n_neg)):
-            gen = torch.Generator().manual_seed(len(p) * 7919 + int(p.sum()))
-            pool = _others(n_items, p)
-            rows[j, :, :len(p)] = p
-            rows[j, :, n_pos:n_pos + k] = pool[torch.randint(len(pool), (steps, k), generator=gen)]
-            weights[j, :len(p)] = weights[j, n_pos:n_pos + k] = 1.0 / (len(p) + k)
-            labels[j, :len(p)] = 1.0
-        return rows, weights, labels
+    def _map_user_vectors(self, profiles, items: Side, starts, precision, prior, negatives,
+                          steps) -> torch.Tensor:
+        n_items, g = len(items.vectors), self.config.gmf_dim
+        labels = torch.zeros(len(profiles), n_items)
+        for row, liked in enumerate(profiles):
+            labels[row, torch.as_tensor(sorted(set(int(i) for i in liked)), dtype=torch.long)] = 1
+        n_liked = labels.sum(1, keepdim=True)
+        # Each liked item counts once; its `negatives` are spread over the other items.
+        weights = torch.where(labels > 0, 1.0,
+                              negatives * n_liked / (n_items - n_liked).clamp_min(1))
+        first = self.mlp[0]
+        w_out = self.out.weight[0]
+        user_first_weight = first.weight[:, :first.weight.shape[1] // 2]   # (H1, W - g)
+        jac_gmf = items.vectors[:, :g] * w_out[:g]          # ∂logit/∂u_gmf: the same per user
+        u = starts.clone()
+        eye = prior * precision
+        factors = None
+        for _ in range(steps):
+            side = self.user_side(u)
+            with torch.inference_mode(False), torch.enable_grad():
+                hidden = (side.first[:, None, :] + items.first[None]).detach().requires_grad_()
+                mlp_logit = self.mlp[1:](hidden) @ w_out[g:]
+                delta, = torch.autograd.grad(mlp_logit.sum(), [hidden])
+            logits = (u[:, None, :g] * jac_gmf).sum(-1) + mlp_logit.detach() + self.out.bias
+            p = torch.sigmoid(logits)
+            residual = weights * (p - labels)
+            grad = torch.cat([residual @ jac_gmf,
+                              torch.einsum("pn,pnh->ph", residual, delta) @ user_first_weight],
+                             -1) + (u - starts) @ eye
+            if factors is None:
+                # The Hessian of the first step serves them all (a chord Newton method): the
+                # W × W product over the catalog is most of a step's cost, the gradient is cheap.
+                jac = torch.cat([jac_gmf.expand(len(u), -1, -1), delta @ user_first_weight], -1)
+                curvature = (weights * p * (1 - p)).unsqueeze(-1)
+                factors = torch.linalg.lu_factor(jac.transpose(1, 2) @ (curvature * jac) + eye)
+            u = u - torch.linalg.lu_solve(*factors, grad.unsqueeze(-1)).squeeze(-1)
+        return u
 
     def score_profiles(self, users: torch.Tensor | None, profiles: Sequence[Sequence[int]]
                        ) -> torch.Tensor:
