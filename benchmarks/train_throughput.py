@@ -1,10 +1,16 @@
-"""Training throughput: samples/s, seconds per epoch and peak RSS for one variant.
+"""Training throughput: samples/s, seconds per epoch and peak RSS per BoNMF variant, all in
+one run, beside the plain same-architecture NeuMF loop (`benchmarks/reference_loop.py`).
 
-    python benchmarks/train_throughput.py --data demo|DIR --variant id --epochs 2 --out FILE.json
+    python benchmarks/train_throughput.py --data demo|DIR --variants id,text+image --reference \
+        --epochs 2 --out FILE.json
 
-Trains on the `ncf` leave-one-out split without validation, so only training is timed.
-Under `torchrun --nproc_per_node N` it trains data-parallel (DDP, the same global batch);
-samples/s is then the throughput of all ranks together, and rank 0 writes the JSON.
+Trains on the `ncf` leave-one-out split without validation, so only training is timed. Content
+features are the configured encoders' (`encoders.source`, pretrained by default: the embedding
+cache is filled first, outside the timing); `--set encoders.source=basic` for weight-free ones.
+Printed ratios: each variant against the first (the content path's cost over ID-only) and the
+first against the reference loop. Under `torchrun --nproc_per_node N` it trains data-parallel
+(DDP, the same global batch); samples/s is then the throughput of all ranks together, and
+rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -14,27 +20,32 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
-from bonmf_core import distributed
-from bonmf_core.atomic import write_json
-from bonmf_core.config import BASELINE_VARIANTS, add_config_arguments, load_config
-from bonmf_core.content.features import basic_content_features
-from bonmf_core.data.readers import load_dataset
-from bonmf_core.experiment.variants import build_bonmf, modalities_of, parse_variants
-from bonmf_core.data.splits import leave_one_out_split
-from bonmf_core.training import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bonmf_core import distributed  # noqa: E402
+from bonmf_core.atomic import write_json  # noqa: E402
+from bonmf_core.config import BASELINE_VARIANTS, add_config_arguments, load_config  # noqa: E402
+from bonmf_core.content.features import content_features  # noqa: E402
+from bonmf_core.data.readers import load_dataset  # noqa: E402
+from bonmf_core.experiment.variants import build_bonmf, modalities_of, parse_variants  # noqa: E402
+from bonmf_core.data.splits import leave_one_out_split  # noqa: E402
+from bonmf_core.training import train  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="default: data.source")
-    p.add_argument("--variant", default="id")
+    p.add_argument("--variants", "--variant", default="id", help="comma-separated BoNMF variants")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--reference", action="store_true",
+                   help="also time the plain NeuMF loop (benchmarks/reference_loop.py)")
     add_config_arguments(p)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    (variant,) = parse_variants(args.variant)
-    if variant in BASELINE_VARIANTS:
+    variants = parse_variants(args.variants)
+    if set(variants) & set(BASELINE_VARIANTS):
         sys.exit("train_throughput measures BoNMF variants: id, text, image, text+image")
     cfg = load_config(args.params, args.set,
                       {"train": {"epochs": args.epochs},
@@ -42,23 +53,37 @@ def main(argv=None) -> int:
     with distributed.main_first():   # a generated demo is written once, by rank 0
         dataset = load_dataset(cfg.data)
     split = leave_one_out_split(dataset, seed=0)
-    modalities = modalities_of(variant)
-    features, _ = basic_content_features(dataset, [m for m in modalities if m != "id"],
-                                         cfg.encoders)
-    model = build_bonmf(dataset, modalities, cfg.model, features)
-    started = time.perf_counter()
-    result = train(model, split, cfg.train, seed=0, validate=False)
+    wanted = sorted({m for v in variants for m in modalities_of(v)} - {"id"})
+    with distributed.main_first():
+        features, feature_report = content_features(dataset, wanted, cfg.encoders)
+    runs = {}
+    for variant in variants:
+        model = build_bonmf(dataset, modalities_of(variant), cfg.model, features)
+        started = time.perf_counter()
+        result = train(model, split, cfg.train, seed=0, validate=False)
+        runs[variant] = {"samples_per_s": result.samples_per_s,
+                         "epoch_s": result.seconds / result.epochs_run,
+                         "epochs": result.epochs_run, "wall_s": time.perf_counter() - started,
+                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        del model
     if not distributed.is_main():
         return 0
-    out = {
-        "data": dataset.name, "variant": variant, "epochs": result.epochs_run,
-        "world_size": result.world_size,
-        "batch_size": cfg.train.batch_size, "negatives": cfg.train.negatives,
-        "samples_per_s": result.samples_per_s,
-        "epoch_s": result.seconds / result.epochs_run,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "wall_s": time.perf_counter() - started,
-    }
+    first = variants[0]
+    out = {"data": dataset.name, "world_size": distributed.world_size(),
+           "batch_size": cfg.train.batch_size, "negatives": cfg.train.negatives,
+           "features": feature_report, "variants": runs,
+           "epoch_cost_vs_" + first: {v: r["epoch_s"] / runs[first]["epoch_s"]
+                                      for v, r in runs.items()}}
+    if args.reference:
+        from reference_loop import run_reference
+
+        out["reference"] = run_reference(split.train["user"].to_numpy(),
+                                         split.train["item"].to_numpy(), dataset.n_users,
+                                         dataset.n_items, epochs=args.epochs,
+                                         batch_size=cfg.train.batch_size,
+                                         negatives=cfg.train.negatives)
+        out[first + "_speed_vs_reference"] = (runs[first]["samples_per_s"] /
+                                              out["reference"]["samples_per_s"])
     print(json.dumps(out, indent=2))
     write_json(args.out, out)
     return 0
