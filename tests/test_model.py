@@ -93,3 +93,18 @@ def test_modalities_are_normalised_to_one_order():
                     **ARCH)
     assert a.modalities == ("id", "text", "image")
     assert BoNMFConfig.from_dict(a.to_dict()) == a
+
+
+def test_a_catalog_smaller_than_the_content_dim_still_trains_and_scores():
+    """PCA of 20 items has at most 20 directions: the reduced space keeps `content_dim` wide
+    (the projection's input) with the missing directions 0."""
+    feats = {"text": torch.randn(20, 300)}
+    cfg = BoNMFConfig(10, 20, modalities=("id", "text"),
+                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": 16,
+                         "content_dim": 64}, feature_dims={"text": 300})
+    model = BoNMF(cfg, features=feats)
+    loss = model(torch.arange(10), torch.arange(10)).sum()
+    loss.backward()
+    reduced = model.reduce_features("text", feats["text"])
+    assert reduced.shape == (20, 64) and (reduced[:, 20:] == 0).all()
+    assert torch.isfinite(model.eval().score_users(torch.arange(10))).all()

@@ -82,7 +82,9 @@ def _pca_basis(features: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Te
         basis = torch.eye(features.shape[1])
     else:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        basis = vh[:dim].T.contiguous()
+        # A catalog with fewer content rows than `dim` has fewer directions: the rest stay 0.
+        basis = torch.zeros(features.shape[1], dim)
+        basis[:, :min(dim, len(vh))] = vh[:dim].T
     scale = (centred @ basis).pow(2).sum(1).mean().sqrt().clamp(min=1e-12)
     return mean, basis / scale
 
