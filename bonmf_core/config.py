@@ -67,6 +67,8 @@ class DataConfig(Section):
                                                                        "folder's ratings")
 
 
+# After early stopping (`training.train_with_refit`): retrain, continue one epoch, or keep.
+Refit = bool | Literal["continue"]
 ProtocolName = Literal["ncf", "full", "cold_items", "cold_users"]
 PROTOCOLS: tuple[str, ...] = get_args(ProtocolName)
 
@@ -155,8 +157,10 @@ class TrainConfig(Section):
     metric: Metric = Field("ndcg@10", pattern=METRIC_PATTERN,
                            description="validation metric for early stopping and the "
                                        "candidate choice")
-    refit: bool = Field(True, description="after early stopping, retrain on train + valid "
-                                          "for the best epochs")
+    refit: Refit = Field(True, description="after early stopping: true = retrain a fresh model "
+                                           "on train + valid for the best epochs; continue = "
+                                           "one more epoch of the early-stopped model on "
+                                           "train + valid; false = keep it")
 
     @property
     def metric_k(self) -> int:
@@ -175,7 +179,7 @@ class BprConfig(Section):
     embedding_reg: float = Field(0.001, ge=0)
     lr_decay: float = Field(0.85, gt=0, le=1)
     patience: int = Field(3, ge=1)
-    refit: bool = True
+    refit: Refit = True
 
     def as_train(self, metric: str) -> TrainConfig:
         """This schedule as a TrainConfig (pairwise loss, early-stopping on `metric`): every
@@ -251,7 +255,7 @@ class MfConfig(Section):
     init_std: float = Field(0.1, gt=0, description="embeddings start N(0, init_std²); "
                                                    "biases at 0")
     patience: int = Field(5, ge=1)
-    refit: bool = Field(True, description="with the chosen dimension and epochs, retrain on "
+    refit: Refit = Field(True, description="with the chosen dimension and epochs, retrain on "
                                           "train + valid")
 
     @field_validator("dims")

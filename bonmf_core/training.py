@@ -181,11 +181,17 @@ def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainCon
         return model, result
     merged = replace(split, train=pd.concat([split.train, split.valid], ignore_index=True),
                      valid=split.valid.iloc[:0], valid_negatives=None)
-    torch.manual_seed(seed)
-    final = build()
-    second = train(final, merged, cfg.model_copy(update={"epochs": result.best_epoch}),
-                   seed=seed, validate=False)
-    result.refit = {"epochs": second.epochs_run, "seconds": second.seconds,
+    if cfg.refit == "continue":
+        # One more epoch of the early-stopped model on train ∪ valid at the learning rate it
+        # stopped with: the validation interactions are learned without training again.
+        final, schedule = model, {"epochs": 1, "lr": cfg.lr * cfg.lr_decay ** result.best_epoch}
+    else:
+        torch.manual_seed(seed)
+        final, schedule = build(), {"epochs": result.best_epoch}
+    second = train(final, merged, cfg.model_copy(update=schedule), seed=seed + 1_000_003
+                   if cfg.refit == "continue" else seed, validate=False)
+    result.refit = {"mode": "continue" if cfg.refit == "continue" else "retrain",
+                    "epochs": second.epochs_run, "seconds": second.seconds,
                     "train_pairs": len(merged.train)}
     result.seconds += second.seconds
     return final, result

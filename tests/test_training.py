@@ -143,6 +143,24 @@ def test_refit_trains_a_fresh_model_on_train_and_valid_for_the_best_epochs(small
     assert evaluate(model, _valid_as_test(loo))["hr@10"] > evaluate(built[0], _valid_as_test(loo))["hr@10"]
 
 
+def test_continue_refit_trains_the_early_stopped_model_one_more_epoch(small_demo, loo):
+    cfg = TrainConfig(**FAST, lr=0.01, refit="continue")
+    built = []
+
+    def build():
+        built.append(MatrixFactorization(small_demo.n_users, small_demo.n_items, 8))
+        return built[-1]
+
+    torch.manual_seed(0)
+    plain, _ = train_with_refit(build, loo, cfg.model_copy(update={"refit": False}))
+    before = evaluate(plain, _valid_as_test(loo))["hr@10"]
+    model, result = train_with_refit(build, loo, cfg)
+    assert len(built) == 2 and model is built[1]          # no fresh model: the same one
+    assert result.refit["mode"] == "continue" and result.refit["epochs"] == 1
+    assert result.refit["train_pairs"] == len(loo.train) + len(loo.valid)
+    assert evaluate(model, _valid_as_test(loo))["hr@10"] > before
+
+
 def _valid_as_test(split):
     from dataclasses import replace
 
