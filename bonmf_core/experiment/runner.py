@@ -183,13 +183,34 @@ def aggregate_slices(runs: list[dict]) -> dict:
     return out
 
 
+def validation_score(fit: dict, metric: str) -> float | None:
+    """The fit's validation `metric` at its best epoch (from its training history), or None
+    when it had no validation set."""
+    scores = [h["valid"][metric] for h in fit.get("history") or []
+              if isinstance(h.get("valid"), dict) and metric in h["valid"]]
+    return max(scores) if scores else None
+
+
 def choose_candidate(fits: list[dict], candidates, metric: str) -> dict:
-    """The best of `candidates` on `metric` (mean over seeds) → {variant, fit (its first
-    seed's), metrics (means), results (every variant's mean ± std)}."""
+    """The best of `candidates` on the *validation* `metric` (mean over seeds of each fit's best
+    epoch; the test set never chooses) → {variant, fit (its first seed's), metrics (test means),
+    results (every variant's test mean ± std), chosen_on, validation (variant → mean)}.
+    Only when a candidate has no validation set (e.g. `ncf` without one) is the choice made on
+    the test metric, and `chosen_on` says so."""
     results = aggregate(fits, slices=True)
-    best = max(candidates, key=lambda v: results[v][metric]["mean"])
+    validation: dict[str, float] = {}
+    for v in candidates:
+        scores = [validation_score(f, metric) for f in fits if f["variant"] == v]
+        if scores and all(x is not None for x in scores):
+            validation[v] = float(np.mean(scores))
+    if len(validation) == len(candidates):
+        best, chosen_on = max(candidates, key=validation.__getitem__), "validation"
+    else:
+        log.warning("no validation metric for every candidate: choosing on the test metric")
+        best, chosen_on = max(candidates, key=lambda v: results[v][metric]["mean"]), "test"
     chosen = next(f for f in fits if f["variant"] == best)
-    return {"variant": best, "fit": chosen, "results": results,
+    return {"variant": best, "fit": chosen, "results": results, "chosen_on": chosen_on,
+            "validation": validation,
             "metrics": {k: v["mean"] for k, v in results[best].items() if k != "slices"}}
 
 

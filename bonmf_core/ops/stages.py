@@ -259,7 +259,8 @@ def run_train(cfg: BonmfConfig, dataset_dir: str | Path, features_dir: str | Pat
         "split_descriptions": [s.describe() for s in splits],
         "dataset": dataset_info(dataset, dataset_dir, snapshot_hash=None),
         "candidate": {"variant": chosen["variant"], "seed": chosen["fit"]["seed"],
-                      "metrics": chosen["metrics"], "model": str(model_out)},
+                      "metrics": chosen["metrics"], "model": str(model_out),
+                      "chosen_on": chosen["chosen_on"], "validation": chosen["validation"]},
         "results": {v: results[v] for v in baselines + candidates},   # the table's row order
         "curve": training_curve(chosen["fit"], cfg.train.metric),
         "fits": [strip_fit(f) for f in fits],

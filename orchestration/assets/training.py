@@ -54,7 +54,7 @@ def _fit_all(context, variants, cfg, validated_dataset: dict, splits: dict,
 @dg.asset(group_name="training", kinds={"pytorch"},
           description="BoNMF variants (pipeline.candidates) trained on every seed's split "
                       "(cached by data, features and hyper-parameters, so an unchanged re-run "
-                      "trains nothing); the best on train.metric is the candidate, registered "
+                      "trains nothing); the best on the validation train.metric is the candidate, registered "
                       "in the model registry.")
 def bonmf_candidate(context: dg.AssetExecutionContext, validated_dataset: dict, splits: dict,
                     text_embeddings: dict, image_embeddings: dict, params: ParamsResource,
@@ -86,6 +86,9 @@ def bonmf_candidate(context: dg.AssetExecutionContext, validated_dataset: dict, 
                "fits": [stages.strip_fit(f) | {"reused": f["reused"]} for f in fits],
                "dataset_hash": splits["dataset_hash"]},
         metadata={"candidate_variant": best, "model_version": version["id"],
+                  "chosen_on": choice["chosen_on"],
+                  **{f"valid {v} {metric}": dg.MetadataValue.float(x)
+                     for v, x in choice["validation"].items()},
                   "newly_registered": created, "stage": version["stage"],
                   "artifact": dg.MetadataValue.path(chosen["artifact_path"]),
                   "artifact_sha256": version["artifact_sha256"],
