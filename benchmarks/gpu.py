@@ -43,9 +43,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bonmf_core.atomic import write_json  # noqa: E402
 from bonmf_core.config import add_config_arguments, load_config  # noqa: E402
+from cost_curves import cpu_model  # noqa: E402
 
 ML1M_USERS, ML1M_ITEMS, ML1M_MEAN = 6040, 3706, 1_000_209 / 6040
 FEATURE_DIMS = {"text": 384, "image": 1280}
@@ -69,16 +71,6 @@ def _peak_mb(device):
     import torch
 
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # -- (a) image encoding ------------------------------------------------------------------------
