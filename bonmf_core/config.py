@@ -127,6 +127,9 @@ class ModelConfig(Section):
     content_dim: int = Field(128, ge=0, description="PCA width of each content modality "
                                                     "before its projection (0 = keep)")
     id_dropout: float = Field(0.3, ge=0, lt=1, description="only where content exists")
+    modality_dropout: float = Field(0.0, ge=0, lt=1, description="while training, each content "
+                                    "modality's vector of an item is dropped with this "
+                                    "probability (each modality learns alone too)")
     dropout: float = Field(0.0, ge=0, lt=1)
     user_attributes: bool = Field(False, description="user attribute embeddings where the "
                                                      "dataset has them")

@@ -108,3 +108,18 @@ def test_a_catalog_smaller_than_the_content_dim_still_trains_and_scores():
     reduced = model.reduce_features("text", feats["text"])
     assert reduced.shape == (20, 64) and (reduced[:, 20:] == 0).all()
     assert torch.isfinite(model.eval().score_users(torch.arange(10))).all()
+
+
+def test_modality_dropout_drops_content_only_while_training():
+    torch.manual_seed(0)
+    feats = {"text": torch.randn(20, 12)}
+    cfg = BoNMFConfig(30, 20, modalities=("text",),
+                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": 16,
+                         "modality_dropout": 0.5}, feature_dims={"text": 12})
+    model = BoNMF(cfg, features=feats)
+    items = torch.arange(20).repeat(10)
+    dropped = (model.train().item_vectors(items).abs().sum(-1) == 0).float().mean()
+    assert 0.3 < dropped < 0.7                        # about half of the item slots
+    assert (model.eval().item_vectors(items).abs().sum(-1) > 0).all()
+    assert BoNMFConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                  if k != "modality_dropout"}).modality_dropout == 0.0

@@ -40,6 +40,8 @@ class BoNMFConfig:
     content_dim: int               # content features are PCA-reduced to this width (0 = keep)
     id_dropout: float
     dropout: float
+    # 0 (off) for artifacts saved before it existed; configured by `model.modality_dropout`.
+    modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -229,6 +231,11 @@ class BoNMF(nn.Module):
                 # embedding() as the gather: its backward is ~8× faster on CPU than that of
                 # advanced indexing (index_put with accumulation).
                 v = nn.functional.embedding(inverse, project(self._reduced(m)[uniq]))
+                if self.training and c.modality_dropout:
+                    # Modality dropout: each modality also has to score alone, so a weak one
+                    # cannot lean on (or blur) the others.
+                    keep = torch.rand(items.shape, device=items.device) >= c.modality_dropout
+                    v = v * keep.unsqueeze(-1).to(v.dtype)
                 vec = v if vec is None else vec + v
         return vec
 
