@@ -37,8 +37,7 @@ alone (`score_users`).
 The same-run reference of every figure is the smallest size: the printed and saved ratios are
 against it, and the exponent b of seconds ∝ size^b (least squares on log-log) summarises the
 curve (b ≈ 1: linear). JSON: the rows, the ratios, the exponents, the torch thread count and
-the CPU model. `--plot FILE.png` draws the three curves on log-log axes (matplotlib); without
-matplotlib a markdown table is written beside it instead (FILE.md).
+the CPU model. `--plot FILE.png` draws the three curves on log-log axes (matplotlib).
 """
 
 from __future__ import annotations
@@ -312,17 +311,12 @@ def _fmt(b) -> str:
 
 
 def plot(out: dict, path: str) -> str:
-    """A log-log figure of the three curves → the path written (a .md table without
-    matplotlib)."""
-    try:
-        import matplotlib
+    """A log-log figure of the three curves → the path written (matplotlib is a dependency)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        md = Path(path).with_suffix(".md")
-        md.write_text("matplotlib is not installed: the curves as tables.\n\n" + _markdown(out))
-        return str(md)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     train, ev = out["train_curve"], out["eval_curve"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = [(axes[0], [r["interactions"] for r in train], [r["epoch_s"] for r in train],

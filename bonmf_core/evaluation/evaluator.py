@@ -203,10 +203,20 @@ def evaluate_full(scorer: Scorer, split: Split, which: str = "test", ks=DEFAULT_
             block_labels = labels
             mask = torch.from_numpy(seen[block].toarray())
             scores = scores.masked_fill(mask, float("-inf"))
-        for key, value in full_ranking_metrics(scores, truth, ks).items():
-            sums[key] = sums.get(key, 0.0) + value
-        if block_labels is not None:
-            _full_slice_sums(scores, truth, block_labels, ks, slice_sums)
+        _add_ranked_block(scores, truth, ks, block_labels, sums, slice_sums)
+    return _ranked_means(sums, slice_sums, slices)
+
+
+def _add_ranked_block(scores, truth, ks, labels, sums: dict, slice_sums: dict) -> None:
+    """Add one block of ranked users to the metric sums (and, with `labels`, the slices')."""
+    for key, value in full_ranking_metrics(scores, truth, ks).items():
+        sums[key] = sums.get(key, 0.0) + value
+    if labels is not None:
+        _full_slice_sums(scores, truth, labels, ks, slice_sums)
+
+
+def _ranked_means(sums: dict, slice_sums: dict, slices: ItemSlices | None) -> dict:
+    """The summed blocks as means over their users (+ "users", and "slices" with `slices`)."""
     n = max(sums.pop("users", 0.0), 1.0)
     out = {**{k: v / n for k, v in sums.items()}, "users": n}
     if slices is not None:
@@ -239,19 +249,13 @@ def evaluate_cold_users(scorer: ProfileScorer, split: Split, which: str = "test"
             rows = np.repeat(np.arange(len(block)), [len(p) for p in shown])
             scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(shown))] = -np.inf
             truth = torch.from_numpy(truth_all[block].toarray())
-            for key, value in full_ranking_metrics(scores, truth, ks).items():
-                sums[key] = sums.get(key, 0.0) + value
-            if labels is not None and g == givens[0]:
-                _full_slice_sums(scores, truth, labels, ks, slice_sums)
-        n = max(sums.pop("users", 0.0), 1.0)
-        means = {k: v / n for k, v in sums.items()}
+            _add_ranked_block(scores, truth, ks, labels if g == givens[0] else None, sums,
+                              slice_sums)
         if g == givens[0]:
-            out.update(means, users=n, given=float(g))
-            if slices is not None:
-                out["slices"] = {name: _slice_record(slice_sums.get(name, {}))
-                                 for name in SLICE_NAMES}
+            out.update(_ranked_means(sums, slice_sums, slices), given=float(g))
         else:
-            out.update({f"given{g}/{k}": v for k, v in means.items()})
+            means = _ranked_means(sums, {}, None)
+            out.update({f"given{g}/{k}": v for k, v in means.items() if k != "users"})
     return out
 
 

@@ -207,14 +207,10 @@ class _ItemItemScorer:
     def score_profiles(self, users: torch.Tensor, profiles) -> torch.Tensor:
         """Users never trained on (`cold_users`): the same X · W with X the items each one
         revealed, so item_knn scores a new user from their revealed items' neighbours."""
-        import scipy.sparse as sp
-
-        rows = np.repeat(np.arange(len(profiles)), [len(p) for p in profiles])
-        cols = np.concatenate([np.asarray(p, np.int64) for p in profiles]) if profiles else []
-        x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
-                          shape=(len(profiles), self.weights.shape[0]))
-        x.sum_duplicates()
-        x.data[:] = 1.0
+        revealed = pd.DataFrame({
+            "user": np.repeat(np.arange(len(profiles)), [len(p) for p in profiles]),
+            "item": np.concatenate([np.asarray(p, np.int64) for p in profiles])})
+        x = interaction_matrix(revealed, len(profiles), self.weights.shape[0])
         return torch.from_numpy(np.asarray(x @ self.weights.numpy(), dtype=np.float32))
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

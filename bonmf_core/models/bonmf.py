@@ -320,10 +320,10 @@ class BoNMF(nn.Module):
         mean user ID embedding, plus the given users' attribute embeddings when the model has
         them (`cold_users` knows a held-out user's attributes; a service caller has none)."""
         with torch.no_grad():
-            warm = torch.nonzero(self.warm_users).squeeze(1)
             if users is None or not self.config.user_attribute_cardinalities:
-                mean = self.user_vectors(warm).mean(0)
+                mean, _ = self.user_prior()
                 return mean.expand(n if users is None else len(users), -1).clone()
+            warm = torch.nonzero(self.warm_users).squeeze(1)
             vec = self.user_embedding.weight[warm].mean(0).expand(len(users), -1).clone()
             codes = self.user_attributes[users]
             for j, emb in enumerate(self.user_attr):
@@ -337,7 +337,7 @@ class BoNMF(nn.Module):
         tables = [self.user_embedding.weight, *(e.weight for e in self.user_attr),
                   self.warm_users]
         stamp = tuple((t.data_ptr(), t._version) for t in tables)
-        cached = self._reduced_cache.get("user_prior")
+        cached = self._reduced_cache.get("user_prior")   # the cache of derived tensors
         if cached is None or cached[0] != stamp:
             with torch.no_grad():
                 vectors = self.user_vectors(torch.nonzero(self.warm_users).squeeze(1))
