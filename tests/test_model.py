@@ -8,11 +8,11 @@ from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 ARCH = ModelConfig().model_dump(exclude={"user_attributes"})
 
 
-def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0):
+def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0, hidden=16):
     torch.manual_seed(seed)
     feats = {"text": torch.randn(n_items, 12), "image": torch.randn(n_items, 7)}
     cfg = BoNMFConfig(n_users, n_items, modalities=modalities,
-                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": 16},
+                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": hidden},
                       feature_dims={m: feats[m].shape[1] for m in modalities if m != "id"},
                       user_attribute_cardinalities=(3, 2) if attrs else ())
     user_attrs = torch.stack([torch.arange(n_users) % 3, torch.arange(n_users) % 2], 1)
@@ -37,6 +37,27 @@ def test_full_catalog_scoring_equals_pairwise_forward(modalities, attrs):
     grouped = model(users, torch.arange(20).expand(30, 20))
     torch.testing.assert_close(full, pairs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grouped, pairs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_linear_content_projection_scores_like_the_forward_and_learns():
+    """content_hidden 0: one linear map per modality, through the same scoring paths."""
+    model = _model(("id", "text", "image"), hidden=0)
+    assert all(isinstance(p, torch.nn.Linear) for p in model.content.values())
+    users = torch.arange(30)
+    pairs = model(users.repeat_interleave(20), torch.arange(20).repeat(30)).view(30, 20)
+    torch.testing.assert_close(model.score_users(users), pairs, rtol=1e-5, atol=1e-5)
+    model.train()
+    logits, norms = model(users, torch.arange(20).expand(30, 20), return_norms=True)
+    (logits.mean() + norms).backward()
+    assert model.content["image"].weight.grad.abs().sum() > 0
+
+
+def test_the_training_regularizer_is_the_mean_squared_norm_of_the_vectors_used():
+    model = _model(("id", "text"))
+    users, items = torch.arange(6), torch.arange(18).view(6, 3)
+    _, norms = model(users, items, return_norms=True)
+    u, i = model.user_vectors(users), model.item_vectors(items)
+    torch.testing.assert_close(norms, u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean())
 
 
 def test_cold_items_are_scored_from_content_alone():
