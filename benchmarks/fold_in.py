@@ -54,7 +54,7 @@ def reference_fold_in(model, profiles, items, starts, steps=60, negatives=4, lr=
         with torch.inference_mode(False), torch.enable_grad():
             for _ in range(steps):
                 rows = torch.cat([liked, pool[torch.randint(len(pool), (n_neg,), generator=gen)]])
-                logits = model._pair_logits(model.user_side(u), items.select(rows))
+                logits = model.score_sides(model.user_side(u[None]), items.select(rows))[0]
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, labels) + \
                     reg * u.pow(2).sum()
                 u.grad, = torch.autograd.grad(loss, [u])

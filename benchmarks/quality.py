@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     sliced = format_slice_table(results)
     if sliced:
         print("\n" + sliced)
+    for variant, rec in results["validation"].items():
+        print(f"validation {rec['metric']} {variant}: {rec['mean']:.4f} "
+              f"(best epochs {rec['best_epochs']})")
     print(f"seconds: {results['seconds']:.1f}")
     write_json(args.out, results)
     return 0

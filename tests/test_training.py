@@ -117,6 +117,11 @@ def test_run_protocol_reports_protocol_seeds_and_spread(small_demo):
     hr = out["results"]["id"]["hr@10"]
     assert len(hr["values"]) == 2 and hr["std"] == pytest.approx(np.std(hr["values"]))
     assert out["results"]["pop"]["hr@10"]["mean"] < hr["mean"]
+    # The validation figure a default is chosen on, per seed at the best epoch; pop has none.
+    valid = out["validation"]
+    assert set(valid) == {"id"} and valid["id"]["metric"] == params.train.metric
+    assert len(valid["id"]["values"]) == 2 and 0 < valid["id"]["mean"] <= 1
+    assert valid["id"]["best_epochs"] == [f for f in valid["id"]["best_epochs"] if 1 <= f <= 3]
 
 
 def test_user_attributes_are_wired(small_demo, loo):

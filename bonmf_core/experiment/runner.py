@@ -266,4 +266,21 @@ def run_protocol(dataset: Dataset, cfg: BonmfConfig, variants=None,
                     cache_root=cache_root)
     return results_record(cfg, [s.describe() for s in splits],
                           dataset_record(dataset, dataset_hash), aggregate(fits, slices=True),
+                          validation=validation_record(fits, cfg.train.metric),
                           features=feature_report, seconds=time.perf_counter() - started)
+
+
+def validation_record(fits: list[dict], metric: str) -> dict:
+    """{variant: {metric, values (per seed, at its best epoch), best_epochs, mean}} for the
+    fits that had a validation set: what a default may be chosen on (the test set never is)."""
+    out: dict[str, dict] = {}
+    for fit in fits:
+        score = validation_score(fit, metric)
+        if score is not None:
+            rec = out.setdefault(fit["variant"], {"metric": metric, "values": [],
+                                                  "best_epochs": []})
+            rec["values"].append(score)
+            rec["best_epochs"].append(fit.get("best_epoch"))
+    for rec in out.values():
+        rec["mean"] = float(np.mean(rec["values"]))
+    return out

@@ -240,10 +240,10 @@ class BoNMF(nn.Module):
             if self.training and c.modality_dropout:
                 # Modality dropout: each modality also has to score alone, so a weak one
                 # cannot lean on (or blur) the others. Drawn per occurrence: one gather each.
-                for v in projected:
-                    v = nn.functional.embedding(inverse, v)
+                for per_item in projected:
                     keep = torch.rand(items.shape, device=items.device) >= c.modality_dropout
-                    v = v * keep.unsqueeze(-1).to(v.dtype)
+                    v = nn.functional.embedding(inverse, per_item) * keep.unsqueeze(-1).to(
+                        per_item.dtype)
                     vec = v if vec is None else vec + v
                 return vec
             # The modalities summed over the distinct items, then one gather (embedding() as
@@ -264,20 +264,14 @@ class BoNMF(nn.Module):
         half = vectors.shape[-1] - g
         return Side(vectors, nn.functional.linear(vectors[..., g:], first.weight[:, half:]))
 
-    def _pair_logits(self, users: Side, items: Side) -> torch.Tensor:
-        """Logits of user/item sides paired element by element (shapes broadcast)."""
-        g, w = self.config.gmf_dim, self.out.weight[0]
-        gmf = users.vectors[..., :g] * items.vectors[..., :g]
-        return gmf @ w[:g] + self.mlp[1:](users.first + items.first) @ w[g:] + self.out.bias
-
     def _score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
-        """Scores for user vectors (B, 1, W) against item vectors (B, C, W): `_pair_logits`'s
-        numbers, shaped for the training step's backward pass.
+        """Scores for user vectors (B, 1, W) against item vectors (B, C, W): `score_sides`'s
+        numbers for a batch of (user, C items) rows, shaped for the training step's backward.
 
         Each vector is split once (one cat in backward, where every slice costs a zero-filled
         full-size gradient), the GMF weights go onto the user side before the product, and the
         GMF part is a batched matrix product (no (B, C, gmf) intermediate): ID-only epochs on
-        ML-1M ran 1.3× faster than through `_pair_logits` (benchmarks/RESULTS.md).
+        ML-1M ran 1.3× faster than through per-side slices (benchmarks/RESULTS.md).
         """
         g, first, w = self.config.gmf_dim, self.mlp[0], self.out.weight[0]
         half = user_vec.shape[-1] - g
