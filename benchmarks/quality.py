@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     for variant, rec in results["validation"].items():
         print(f"validation {rec['metric']} {variant}: {rec['mean']:.4f} "
               f"(best epochs {rec['best_epochs']})")
+        for tuning in rec.get("tuning", []):   # a setting validation chose after training
+            print(f"  {tuning['parameter']}: {tuning['chosen']} "
+                  f"(valid {max(tuning['valid'].values(), default=float('nan')):.4f})")
     print(f"seconds: {results['seconds']:.1f}")
     write_json(args.out, results)
     return 0

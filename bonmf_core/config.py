@@ -131,9 +131,20 @@ class ModelConfig(Section):
     modality_dropout: float = Field(0.0, ge=0, lt=1, description="while training, each content "
                                     "modality's vector of an item is dropped with this "
                                     "probability (each modality learns alone too)")
+    content_weight_grid: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0], min_length=1,
+        description="weights each content modality's vector may get when scoring, the "
+                    "combination chosen on validation after training ([1] = off)")
     dropout: float = Field(0.0, ge=0, lt=1)
     user_attributes: bool = Field(False, description="user attribute embeddings where the "
                                                      "dataset has them")
+
+    @field_validator("content_weight_grid")
+    @classmethod
+    def _weights_in_range(cls, weights: list[float]) -> list[float]:
+        if any(not 0 <= w <= 4 for w in weights):
+            raise ValueError("content_weight_grid must lie in [0, 4]")
+        return weights
 
     @field_validator("mlp_layers")
     @classmethod

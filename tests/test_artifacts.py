@@ -29,6 +29,7 @@ def _ids(model):
 
 def test_round_trip_scores_identically_without_pickles(tmp_path):
     model = _model()
+    model.config.content_weights = {"text": 0.5}   # chosen on validation, saved with the config
     users, items = _ids(model)
     save_model(tmp_path / "m", model, user_ids=users, item_ids=items,
                metadata={"seed": 3, "metrics": {"ndcg@10": 0.5}})
@@ -37,6 +38,7 @@ def test_round_trip_scores_identically_without_pickles(tmp_path):
     loaded, meta, id_maps = load_model(tmp_path / "m")
     torch.testing.assert_close(loaded.score_users(torch.arange(12)), model.score_users(torch.arange(12)))
     assert not loaded.warm_items[3] and loaded.warm_items[2]
+    assert loaded.config.content_weights == {"text": 0.5}
     assert meta["seed"] == 3 and id_maps["item_ids"][4] == "i4"
     # safetensors starts with an 8-byte header length then JSON: no pickle opcodes anywhere.
     raw = (tmp_path / "m" / "model.safetensors").read_bytes()

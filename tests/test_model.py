@@ -5,7 +5,7 @@ from bonmf_core.config import ModelConfig
 from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 
 # The schema's model defaults (the hyper-parameters BoNMFConfig takes from configuration).
-ARCH = ModelConfig().model_dump(exclude={"user_attributes"})
+ARCH = ModelConfig().model_dump(exclude={"user_attributes", "content_weight_grid"})
 
 
 def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0, hidden=16):
@@ -144,3 +144,27 @@ def test_modality_dropout_drops_content_only_while_training():
     assert (model.eval().item_vectors(items).abs().sum(-1) > 0).all()
     assert BoNMFConfig.from_dict({k: v for k, v in cfg.to_dict().items()
                                   if k != "modality_dropout"}).modality_dropout == 0.0
+
+
+def test_content_weights_scale_each_modality_when_scoring_only():
+    model = _model(("id", "text", "image"))
+    items = torch.arange(20)
+    full = model.item_vectors(items)
+    model.config.content_weights = {"image": 0.0}
+    text_only = model.item_vectors(items)
+    model.config.content_weights = {}
+    with torch.no_grad():
+        ids = model.item_embedding(items) * model.warm_items[items, None]
+        text = model.content["text"](model._reduced("text"))
+        image = model.content["image"](model._reduced("image"))
+    torch.testing.assert_close(full, ids + text + image)
+    torch.testing.assert_close(text_only, ids + text)
+    model.config.content_weights = {"text": 0.5, "image": 2.0}
+    torch.testing.assert_close(model.item_vectors(items), ids + 0.5 * text + 2.0 * image)
+    raw = {"text": model.feat_text[:3], "image": model.feat_image[:3]}
+    torch.testing.assert_close(model.content_item_vectors(raw), (0.5 * text + 2.0 * image)[:3])
+    # Training always sees weight 1 (the weights are chosen after it): ID dropout off here.
+    model.config.id_dropout = 0.0
+    with torch.no_grad():
+        trained = model.train().item_vectors(items)
+    torch.testing.assert_close(trained, model.item_embedding(items) + text + image)

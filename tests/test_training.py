@@ -105,6 +105,16 @@ def test_cold_items_recommended_through_content(small_demo):
     assert content["recall@10"] > 1.5 * 10 / n_cold
     assert content["ndcg@10"] > blind["ndcg@10"] + 0.1
     assert content["ndcg@10"] > pop["ndcg@10"] + 0.1
+    # The content weights were chosen on the validation (cold) items after training: every
+    # combination but "no content" was scored there, all ones first, and the best one kept.
+    tuning = model.tuning
+    assert tuning["parameter"] == "content_weights" and len(tuning["valid"]) == 3 * 3 - 1
+    assert next(iter(tuning["valid"])) == "text=1,image=1"
+    assert "text=0,image=0" not in tuning["valid"]
+    best = ",".join(f"{m}={w:g}" for m, w in tuning["chosen"].items())
+    assert tuning["valid"][best] == max(tuning["valid"].values())
+    assert model.config.content_weights == tuning["chosen"]
+    assert evaluate(model, split, "valid")["ndcg@10"] == pytest.approx(tuning["valid"][best])
 
 
 def test_run_protocol_reports_protocol_seeds_and_spread(small_demo):

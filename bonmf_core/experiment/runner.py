@@ -271,8 +271,9 @@ def run_protocol(dataset: Dataset, cfg: BonmfConfig, variants=None,
 
 
 def validation_record(fits: list[dict], metric: str) -> dict:
-    """{variant: {metric, values (per seed, at its best epoch), best_epochs, mean}} for the
-    fits that had a validation set: what a default may be chosen on (the test set never is)."""
+    """{variant: {metric, values (per seed, at its best epoch), best_epochs, mean, and
+    `tuning` (per seed) where validation also chose a setting after training}} for the fits
+    that had a validation set: what a default may be chosen on (the test set never is)."""
     out: dict[str, dict] = {}
     for fit in fits:
         score = validation_score(fit, metric)
@@ -281,6 +282,8 @@ def validation_record(fits: list[dict], metric: str) -> dict:
                                                   "best_epochs": []})
             rec["values"].append(score)
             rec["best_epochs"].append(fit.get("best_epoch"))
+            if fit.get("tuning") is not None:
+                rec.setdefault("tuning", []).append(fit["tuning"])
     for rec in out.values():
         rec["mean"] = float(np.mean(rec["values"]))
     return out

@@ -14,6 +14,7 @@ differences are the models', not the data's.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -115,10 +116,61 @@ def fit_variant(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig, 
         build = lambda: MatrixFactorization(dataset.n_users, dataset.n_items, dim)  # noqa: E731
         schedule = cfg.bpr.as_train(cfg.train.metric)
     else:
-        build = lambda: build_bonmf(dataset, modalities_of(variant),  # noqa: E731
-                                    cfg.model, features)
-        schedule = cfg.train
+        return _fit_bonmf(variant, dataset, split, cfg, seed, features)
     return train_with_refit(build, split, schedule, seed=seed)
+
+
+def _fit_bonmf(variant: str, dataset: Dataset, split: Split, cfg: BonmfConfig, seed: int,
+               features: dict[str, np.ndarray]):
+    """BoNMF through the shared trainer (early stopping, refit), then the content weights
+    chosen on the first stage's validation set and given to the final model."""
+    build = lambda: build_bonmf(dataset, modalities_of(variant),  # noqa: E731
+                                cfg.model, features)
+    torch.manual_seed(seed)   # as train_with_refit: the initial weights are seeded
+    model = build()
+    first = train(model, split, cfg.train, seed=seed)
+    chosen, values = choose_content_weights(model, split, cfg.model.content_weight_grid,
+                                            cfg.train.metric)
+    final, result = train_with_refit(build, split, cfg.train, seed=seed, first=(model, first))
+    final.config.content_weights = chosen
+    if values:
+        final.tuning = {"parameter": "content_weights", "chosen": chosen,
+                        "metric": cfg.train.metric, "valid": values,
+                        "best_epoch": result.best_epoch, "refit": result.refit is not None}
+    return final, result
+
+
+def choose_content_weights(model: BoNMF, split: Split, grid, metric: str
+                           ) -> tuple[dict[str, float], dict[str, float]]:
+    """The weight of each content modality's vector at scoring time, picked on the validation
+    set (never the test set) from `grid` per modality: fusion that can turn a weak modality
+    down after training shows it is weak (posters on cold items), where a gate learned on
+    training interactions keeps what fits the warm items. All ones first and kept on a tie;
+    all zeros skipped (no content: cold items would score nothing).
+    → ({modality: weight}, {"text=…,image=…": validation metric}); both empty when there is
+    nothing to choose (no content, one option, no validation set).
+    """
+    content = [m for m in model.config.modalities if m != "id"]
+    options = sorted(set(float(w) for w in grid), key=lambda w: (w != 1.0, -w))
+    if not content or len(options) < 2 or len(split.valid) == 0:
+        return {}, {}
+    ks = (int(metric.split("@")[1]),)
+    values: dict[str, float] = {}
+    best, best_value = {}, -np.inf
+    for combo in itertools.product(options, repeat=len(content)):
+        if not any(combo):
+            continue
+        weights = dict(zip(content, combo))
+        model.config.content_weights = weights
+        value = evaluate(model, split, "valid", ks)[metric]
+        values[",".join(f"{m}={w:g}" for m, w in weights.items())] = value
+        if value > best_value:
+            best, best_value = weights, value
+    model.config.content_weights = best
+    log.info("content weights: %s (valid %s %.4f; all ones %.4f)",
+             ", ".join(f"{m}={w:g}" for m, w in best.items()), metric, best_value,
+             next(iter(values.values())))
+    return best, values
 
 
 def _fit_content_knn(features: dict[str, np.ndarray], split: Split, metric: str) -> ContentKNN:

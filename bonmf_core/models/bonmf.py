@@ -42,6 +42,9 @@ class BoNMFConfig:
     dropout: float
     # 0 (off) for artifacts saved before it existed; configured by `model.modality_dropout`.
     modality_dropout: float = 0.0
+    # modality -> the weight its content vector gets when scoring (absent = 1): chosen on
+    # validation after training (`experiment.variants`); {} for artifacts saved before it.
+    content_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -50,6 +53,7 @@ class BoNMFConfig:
                              f"got {tuple(self.modalities)}")
         self.modalities = tuple(sorted(set(self.modalities), key=MODALITIES.index))
         self.mlp_layers = tuple(self.mlp_layers)
+        self.content_weights = {m: float(w) for m, w in self.content_weights.items()}
         self.user_attribute_cardinalities = tuple(self.user_attribute_cardinalities)
         missing = [m for m in self.modalities if m != "id" and m not in self.feature_dims]
         if missing:
@@ -236,7 +240,8 @@ class BoNMF(nn.Module):
         if self.content:
             # Project each distinct item once per call: a batch repeats items many times.
             uniq, inverse = torch.unique(items, return_inverse=True)
-            projected = [project(self._reduced(m)[uniq]) for m, project in self.content.items()]
+            projected = [self._weighted(m, project(self._reduced(m)[uniq]))
+                         for m, project in self.content.items()]
             if self.training and c.modality_dropout:
                 # Modality dropout: each modality also has to score alone, so a weak one
                 # cannot lean on (or blur) the others. Drawn per occurrence: one gather each.
@@ -335,7 +340,14 @@ class BoNMF(nn.Module):
         if not self.content:
             raise ValueError("this model has no content path (modalities: "
                              f"{', '.join(self.config.modalities)})")
-        return sum(project(self.reduce_features(m, raw[m])) for m, project in self.content.items())
+        return sum(self._weighted(m, project(self.reduce_features(m, raw[m])))
+                   for m, project in self.content.items())
+
+    def _weighted(self, modality: str, vectors: torch.Tensor) -> torch.Tensor:
+        """A modality's content vectors times its scoring weight (`content_weights`; training
+        always sees weight 1: the weights are chosen after it)."""
+        weight = 1.0 if self.training else self.config.content_weights.get(modality, 1.0)
+        return vectors if weight == 1.0 else vectors * weight
 
     def cold_start_vectors(self, users: torch.Tensor | None = None, n: int = 1
                            ) -> torch.Tensor:
