@@ -24,3 +24,15 @@ def test_without_a_validation_set_the_choice_says_it_used_the_test_set():
     fits = [_fit("id", 0, 0.50, None), _fit("text+image", 0, 0.40, None)]
     choice = choose_candidate(fits, ["id", "text+image"], "ndcg@10")
     assert choice["variant"] == "id" and choice["chosen_on"] == "test"
+
+
+def test_content_weights_chosen_after_training_count_as_the_shipped_models_validation():
+    tuned = _fit("text+image", 0, 0.40, [0.29, 0.30])
+    tuned["tuning"] = {"parameter": "content_weights", "metric": "ndcg@10",
+                       "chosen": {"text": 1.0, "image": 0.0},
+                       "valid": {"text=1,image=1": 0.30, "text=1,image=0": 0.32}}
+    fits = [_fit("id", 0, 0.50, [0.31]), tuned]
+    assert validation_score(tuned, "ndcg@10") == 0.32
+    assert choose_candidate(fits, ["id", "text+image"], "ndcg@10")["variant"] == "text+image"
+    # Weights chosen on another metric say nothing about this one.
+    assert validation_score(tuned, "hr@10") is None

@@ -184,10 +184,14 @@ def aggregate_slices(runs: list[dict]) -> dict:
 
 
 def validation_score(fit: dict, metric: str) -> float | None:
-    """The fit's validation `metric` at its best epoch (from its training history), or None
-    when it had no validation set."""
+    """The fit's validation `metric` at its best epoch (from its training history) — with the
+    content weights validation chose after training (`tuning`), that of the model as shipped —
+    or None when it had no validation set."""
     scores = [h["valid"][metric] for h in fit.get("history") or []
               if isinstance(h.get("valid"), dict) and metric in h["valid"]]
+    tuning = fit.get("tuning") or {}
+    if scores and tuning.get("parameter") == "content_weights" and tuning.get("metric") == metric:
+        scores += list(tuning["valid"].values())
     return max(scores) if scores else None
 
 
