@@ -168,3 +168,21 @@ def test_content_weights_scale_each_modality_when_scoring_only():
     with torch.no_grad():
         trained = model.train().item_vectors(items)
     torch.testing.assert_close(trained, model.item_embedding(items) + text + image)
+
+
+def test_content_align_moves_only_the_content_path_towards_the_full_item_vectors():
+    model = _model(("id", "text"))
+    model.config.id_dropout, model.config.content_align = 0.0, 0.5
+    users, items = torch.arange(6), torch.arange(18).view(6, 3)
+    logits, norms, penalty = model.train()(users, items, return_norms=True)
+    with torch.no_grad():
+        ids = model.item_embedding(torch.arange(18))
+    # content − (ID + content) held fixed = −ID: the penalty is the ID vectors' mean square.
+    torch.testing.assert_close(penalty, 0.5 * ids.pow(2).sum(1).mean())
+    penalty.backward()
+    assert model.item_embedding.weight.grad is None and model.user_embedding.weight.grad is None
+    assert model.content["text"][0].weight.grad.abs().sum() > 0
+    # Scoring and an untrained config return no penalty.
+    assert len(model.eval()(users, items, return_norms=True)) == 2
+    model.config.content_align = 0.0
+    assert len(model.train()(users, items, return_norms=True)) == 2

@@ -42,6 +42,8 @@ class BoNMFConfig:
     dropout: float
     # 0 (off) for artifacts saved before it existed; configured by `model.modality_dropout`.
     modality_dropout: float = 0.0
+    # 0 (off) for artifacts saved before it existed; configured by `model.content_align`.
+    content_align: float = 0.0
     # modality -> the weight its content vector gets when scoring (absent = 1): chosen on
     # validation after training (`experiment.variants`); {} for artifacts saved before it.
     content_weights: dict[str, float] = field(default_factory=dict)
@@ -166,6 +168,7 @@ class BoNMF(nn.Module):
             self.register_buffer(f"reduce_mean_{m}", mean)
             self.register_buffer(f"reduce_basis_{m}", basis)
         self._reduced_cache: dict[str, tuple] = {}
+        self._align_penalty: torch.Tensor | None = None   # set by a training forward
         if c.user_attribute_cardinalities:
             if user_attributes is None or tuple(user_attributes.shape) != (
                     c.n_users, len(c.user_attribute_cardinalities)):
@@ -251,11 +254,23 @@ class BoNMF(nn.Module):
                         per_item.dtype)
                     vec = v if vec is None else vec + v
                 return vec
+            content = sum(projected)
+            if self.training and c.content_align and "id" in c.modalities:
+                self._align_penalty = c.content_align * self._alignment(uniq, content)
             # The modalities summed over the distinct items, then one gather (embedding() as
             # the gather: its backward is ~8× faster on CPU than advanced indexing's).
-            v = nn.functional.embedding(inverse, sum(projected))
+            v = nn.functional.embedding(inverse, content)
             vec = v if vec is None else vec + v
         return vec
+
+    def _alignment(self, items: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance of the distinct items' content vectors from their full (ID +
+        content) vectors, the target held fixed: distillation of the warm items' learned
+        vectors into the content path (DropoutNet/ALDI-style cold start), so the vector a cold
+        item gets from content alone is the one a warm item with that content has. Its gradient
+        moves only the content path, towards what each item's ID embedding adds."""
+        target = (self.item_embedding(items) + content).detach()
+        return (content - target).pow(2).sum(-1).mean()
 
     # -- the head: GMF ⊕ MLP over a user and an item vector --------------------------------
     def user_side(self, vectors: torch.Tensor) -> Side:
@@ -307,8 +322,10 @@ class BoNMF(nn.Module):
         """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C).
 
         With `return_norms`, also the mean squared norm of the user and item vectors used
-        (per-example L2 regularization, as in tuned MF/NCF training).
+        (per-example L2 regularization, as in tuned MF/NCF training) and, while training with
+        `content_align`, the weighted alignment penalty (`_alignment`) after it.
         """
+        self._align_penalty = None
         u = self.user_vectors(users)
         i = self.item_vectors(items)
         flat = items.dim() == 1
@@ -316,8 +333,10 @@ class BoNMF(nn.Module):
         logits = logits.squeeze(1) if flat else logits
         if return_norms:
             # Mean squared norms as dot products: no squared copy, one multiply in backward.
-            return logits, (_sum_of_squares(u) * (u.shape[-1] / u.numel()) +
-                            _sum_of_squares(i) * (i.shape[-1] / i.numel()))
+            norms = (_sum_of_squares(u) * (u.shape[-1] / u.numel()) +
+                     _sum_of_squares(i) * (i.shape[-1] / i.numel()))
+            penalty, self._align_penalty = self._align_penalty, None   # no graph kept after
+            return (logits, norms) if penalty is None else (logits, norms, penalty)
         return logits
 
     # -- scoring (the evaluation Scorer interface) ---------------------------------------
