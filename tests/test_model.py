@@ -186,3 +186,10 @@ def test_content_align_moves_only_the_content_path_towards_the_full_item_vectors
     assert len(model.eval()(users, items, return_norms=True)) == 2
     model.config.content_align = 0.0
     assert len(model.train()(users, items, return_norms=True)) == 2
+
+
+def test_sum_of_squares_has_the_exact_gradient():
+    from bonmf_core.models.bonmf import _sum_of_squares
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_sum_of_squares, (x,))
+    torch.testing.assert_close(_sum_of_squares(x), x.pow(2).sum())

@@ -110,9 +110,24 @@ class Side:
         return Side(self.vectors[rows], self.first[rows])
 
 
+class _SumOfSquares(torch.autograd.Function):
+    """‖x‖² with a one-pass backward (2·g·x): autograd's dot(x, x) computes g·x twice and adds
+    them, three passes over a batch's item vectors (~5% of an ID-only step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, = ctx.saved_tensors
+        return x * (2 * grad)
+
+
 def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1)
-    return torch.dot(flat, flat)
+    return _SumOfSquares.apply(x)
 
 
 def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
