@@ -123,7 +123,7 @@ class ModelConfig(Section):
     gmf_dim: int = Field(64, ge=1)
     mlp_layers: list[int] = Field(default_factory=lambda: [128, 64, 32], min_length=1,
                                   description="first entry = user ⊕ item embedding width")
-    content_hidden: int = Field(256, ge=0, description="hidden width of each content "
+    content_hidden: int = Field(0, ge=0, description="hidden width of each content "
                                 "modality's projection (0 = one linear map)")
     content_dim: int = Field(128, ge=0, description="PCA width of each content modality "
                                                     "before its projection (0 = keep)")
