@@ -156,20 +156,19 @@ def choose_content_weights(model: BoNMF, split: Split, grid, metric: str
         return {}, {}
     ks = (int(metric.split("@")[1]),)
     values: dict[str, float] = {}
-    best, best_value = {}, -np.inf
+    best, best_key = {}, None
     for combo in itertools.product(options, repeat=len(content)):
         if not any(combo):
             continue
         weights = dict(zip(content, combo))
         model.config.content_weights = weights
-        value = evaluate(model, split, "valid", ks)[metric]
-        values[",".join(f"{m}={w:g}" for m, w in weights.items())] = value
-        if value > best_value:
-            best, best_value = weights, value
+        key = ",".join(f"{m}={w:g}" for m, w in weights.items())
+        values[key] = evaluate(model, split, "valid", ks)[metric]
+        if best_key is None or values[key] > values[best_key]:
+            best, best_key = weights, key
     model.config.content_weights = best
-    log.info("content weights: %s (valid %s %.4f; all ones %.4f)",
-             ", ".join(f"{m}={w:g}" for m, w in best.items()), metric, best_value,
-             next(iter(values.values())))
+    log.info("content weights: %s (valid %s %.4f; first option %.4f)", best_key, metric,
+             values[best_key], next(iter(values.values())))
     return best, values
 
 
