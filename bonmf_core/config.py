@@ -128,12 +128,6 @@ class ModelConfig(Section):
     content_dim: int = Field(128, ge=0, description="PCA width of each content modality "
                                                     "before its projection (0 = keep)")
     id_dropout: float = Field(0.3, ge=0, lt=1, description="only where content exists")
-    content_align: float = Field(0.0, ge=0, description="while training, weight of pulling "
-                                 "each warm item's content vector onto its full (ID + content) "
-                                 "vector, so cold items land where warm ones would")
-    modality_dropout: float = Field(0.0, ge=0, lt=1, description="while training, each content "
-                                    "modality's vector of an item is dropped with this "
-                                    "probability (each modality learns alone too)")
     content_weight_grid: list[float] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0], min_length=1,
         description="weights each content modality's vector may get when scoring, the "

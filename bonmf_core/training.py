@@ -273,16 +273,15 @@ def _epoch_pairs(sampler, u_pos, i_pos, cfg, gen):
 
 def _loss(model, users, items, labels, cfg) -> torch.Tensor:
     """A batch's mean loss. BCE labels column 0 as 1 and the rest 0 (the NCF recipe); BPR
-    pushes column 0 above each negative. A model may return penalties of its own, already
-    weighted, after the norms (BoNMF's `content_align`)."""
-    logits, norms, *penalties = model(users, items, return_norms=True)
+    pushes column 0 above each negative."""
+    logits, norms = model(users, items, return_norms=True)
     if cfg.loss == "bce":
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
     else:
         loss = -nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
     if cfg.embedding_reg:
         loss = loss + cfg.embedding_reg * norms
-    return sum(penalties, loss)
+    return loss
 
 
 def _checkpoint(model: nn.Module, cfg: TrainConfig, record: dict, checkpoint_dir, seed: int

@@ -81,8 +81,7 @@ def build_bonmf(dataset: Dataset, modalities, model: ModelConfig,
         feature_dims={m: int(features[m].shape[1]) for m in modalities if m != "id"},
         user_attribute_cardinalities=tuple(int(c) for c in attrs.max(0) + 1)
         if attrs is not None else (),
-        id_dropout=model.id_dropout, dropout=model.dropout,
-        modality_dropout=model.modality_dropout, content_align=model.content_align)
+        id_dropout=model.id_dropout, dropout=model.dropout)
     return BoNMF(config, features={m: torch.from_numpy(f) for m, f in features.items()
                                    if m in modalities},
                  user_attributes=torch.from_numpy(attrs) if attrs is not None else None)

@@ -20,6 +20,8 @@ MODALITIES = ("id", "text", "image")
 # (as in training), the weight of the population prior. Chosen on the `cold_users` validation
 # users of ML-1M (benchmarks/fold_in.py; benchmarks/RESULTS.md).
 FOLD_IN_STEPS, FOLD_IN_NEGATIVES, FOLD_IN_PRIOR = 5, 4, 3.0
+# Options older artifacts may carry (always 0 in the ones this version can score).
+RETIRED_OPTIONS = ("modality_dropout", "content_align")
 
 
 @dataclass
@@ -40,10 +42,6 @@ class BoNMFConfig:
     content_dim: int               # content features are PCA-reduced to this width (0 = keep)
     id_dropout: float
     dropout: float
-    # 0 (off) for artifacts saved before it existed; configured by `model.modality_dropout`.
-    modality_dropout: float = 0.0
-    # 0 (off) for artifacts saved before it existed; configured by `model.content_align`.
-    content_align: float = 0.0
     # modality -> the weight its content vector gets when scoring (absent = 1): chosen on
     # validation after training (`experiment.variants`); {} for artifacts saved before it.
     content_weights: dict[str, float] = field(default_factory=dict)
@@ -68,6 +66,12 @@ class BoNMFConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BoNMFConfig":
+        data = dict(data)
+        for key in RETIRED_OPTIONS:   # measured, not adopted, removed (benchmarks/RESULTS.md)
+            value = data.pop(key, 0.0)
+            if value:
+                raise ValueError(f"this model was trained with {key}={value}, an "
+                                 "option this version no longer has: retrain it")
         return cls(**data)
 
 
@@ -110,24 +114,63 @@ class Side:
         return Side(self.vectors[rows], self.first[rows])
 
 
-class _SumOfSquares(torch.autograd.Function):
-    """‖x‖² with a one-pass backward (2·g·x): autograd's dot(x, x) computes g·x twice and adds
-    them, three passes over a batch's item vectors (~5% of an ID-only step)."""
+class _GatherParts(torch.autograd.Function):
+    """Rows of a vector table as its GMF part and its MLP part, and their sum of squares (the
+    per-example L2 term), in one autograd node.
+
+    Autograd's own chain (gather, split, ‖x‖²) materializes three batch-sized gradients in
+    backward (the norm's, their sum and the split's cat) before scattering them into the
+    table; here each part's gradient is scattered straight into its columns and the L2 term's
+    goes in at table size (`counts · row`) or as a second scatter, whichever touches less.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        flat = x.reshape(-1)
-        return torch.dot(flat, flat)
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, gmf_dim: int):
+        flat = index.reshape(-1)
+        parts = [table[:, :gmf_dim].index_select(0, flat),
+                 table[:, gmf_dim:].index_select(0, flat)]
+        squares = sum(torch.dot(p.view(-1), p.view(-1)) for p in parts)
+        ctx.save_for_backward(table, flat, *parts)
+        ctx.gmf_dim = gmf_dim
+        return (*(p.view(*index.shape, -1) for p in parts), squares)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, = ctx.saved_tensors
-        return x * (2 * grad)
+    def backward(ctx, grad_gmf, grad_mlp, grad_squares):
+        table, flat, gmf, mlp = ctx.saved_tensors
+        g = ctx.gmf_dim
+        by_row = grad_squares is not None and len(flat) >= len(table)
+        grads = []
+        for part, part_grad, width in ((gmf, grad_gmf, g), (mlp, grad_mlp, table.shape[1] - g)):
+            # One contiguous buffer per part: index_add_ into a column slice of the whole
+            # table is ~6× slower on CPU.
+            grad = table.new_zeros(len(table), width)
+            if part_grad is not None:
+                grad.index_add_(0, flat, part_grad.reshape(len(flat), width))
+            if grad_squares is not None and not by_row:
+                grad.index_add_(0, flat, part, alpha=2 * grad_squares.item())
+            grads.append(grad)
+        grad = torch.cat(grads, 1)
+        if by_row:   # each row's L2 gradient is (times read) · 2 · row
+            counts = torch.bincount(flat, minlength=len(table)).to(table.dtype)
+            grad.addcmul_(table, (counts * (2 * grad_squares)).unsqueeze(1))
+        return grad, None, None
 
 
-def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    return _SumOfSquares.apply(x)
+class _BatchedDot(torch.autograd.Function):
+    """(B, C, D) · (B, D) → (B, C): the GMF branch of C items per user. Its backward writes
+    the items' gradient as a broadcast product; autograd's (bmm with an inner size of 1)
+    took ~1 ms of a ~10 ms ML-1M training step."""
+
+    @staticmethod
+    def forward(ctx, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(items, users)
+        return torch.bmm(items, users.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        items, users = ctx.saved_tensors
+        return (grad.unsqueeze(-1) * users.unsqueeze(1),
+                torch.bmm(grad.unsqueeze(1), items).squeeze(1))
 
 
 def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
@@ -183,7 +226,6 @@ class BoNMF(nn.Module):
             self.register_buffer(f"reduce_mean_{m}", mean)
             self.register_buffer(f"reduce_basis_{m}", basis)
         self._reduced_cache: dict[str, tuple] = {}
-        self._align_penalty: torch.Tensor | None = None   # set by a training forward
         if c.user_attribute_cardinalities:
             if user_attributes is None or tuple(user_attributes.shape) != (
                     c.n_users, len(c.user_attribute_cardinalities)):
@@ -213,7 +255,9 @@ class BoNMF(nn.Module):
         stamp = tuple((b.data_ptr(), b._version) for b in bufs)
         cached = self._reduced_cache.get(modality)
         if cached is None or cached[0] != stamp:
-            with torch.no_grad():
+            # A normal tensor even when first asked for under inference mode (scoring), so
+            # training can read it too.
+            with torch.inference_mode(False), torch.no_grad():
                 cached = (stamp, self.reduce_features(modality, bufs[0]))
             self._reduced_cache[modality] = cached
         return cached[1]
@@ -232,60 +276,55 @@ class BoNMF(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     # -- representations -----------------------------------------------------------------
-    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
-        vec = self.user_embedding(users)
+    # Each side's vectors are rows of a table (`user_table`, `item_table`) read through an
+    # index: the trained embeddings plus whatever is computed per user/item (attributes,
+    # content projections) built once per call, then one gather per batch.
+    def user_table(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, index): `users`' vectors are `table[index]`."""
+        table = self.user_embedding.weight
         if self.config.user_attribute_cardinalities:
-            codes = self.user_attributes[users]
             for j, emb in enumerate(self.user_attr):
-                vec = vec + emb(codes[..., j])
-        return vec
+                table = table + emb(self.user_attributes[:, j])
+        return table, users
+
+    def item_table(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, index): `items`' vectors are `table[index]`.
+
+        An item's vector is its ID embedding (zero for items without training interactions:
+        they are scored from content alone) plus its content projections. Training drops
+        the ID part of each occurrence with probability `id_dropout` so the content path
+        learns to score alone: the table then holds every item twice, content only and
+        ID + content, and a dropped occurrence reads the first copy — a batch costs one gather
+        whatever the modalities.
+        """
+        c = self.config
+        if not self.content:
+            table = self.item_embedding.weight
+            return (table if self.training else table * self.warm_items.unsqueeze(1)), items
+        # Project each distinct item once: a batch smaller than the catalog projects only the
+        # items it holds (its index then points into those rows).
+        rows, index = ((None, items) if items.numel() >= c.n_items
+                       else torch.unique(items, return_inverse=True))
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        content = sum(self._weighted(m, project(pick(self._reduced(m))))
+                      for m, project in self.content.items())
+        if "id" not in c.modalities:
+            return content, index
+        ident = pick(self.item_embedding.weight)
+        if not self.training:
+            return ident * pick(self.warm_items).unsqueeze(1) + content, index
+        if not c.id_dropout:
+            return ident + content, index
+        keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
+        return torch.cat([content, ident + content]), index + len(content) * keep
+
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        table, index = self.user_table(users)
+        return nn.functional.embedding(index, table)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        vec = None
-        if "id" in c.modalities:
-            vec = self.item_embedding(items)
-            # Cold items have untrained ID embeddings: score them from content alone. Training
-            # only sees warm items, so the mask is needed there only for ID dropout.
-            if not self.training:
-                keep = self.warm_items[items]
-            elif c.id_dropout and self.content:
-                keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
-            else:
-                keep = None
-            if keep is not None:
-                vec = vec * keep.unsqueeze(-1).to(vec.dtype)
-        if self.content:
-            # Project each distinct item once per call: a batch repeats items many times.
-            uniq, inverse = torch.unique(items, return_inverse=True)
-            projected = [self._weighted(m, project(self._reduced(m)[uniq]))
-                         for m, project in self.content.items()]
-            if self.training and c.modality_dropout:
-                # Modality dropout: each modality also has to score alone, so a weak one
-                # cannot lean on (or blur) the others. Drawn per occurrence: one gather each.
-                for per_item in projected:
-                    keep = torch.rand(items.shape, device=items.device) >= c.modality_dropout
-                    v = nn.functional.embedding(inverse, per_item) * keep.unsqueeze(-1).to(
-                        per_item.dtype)
-                    vec = v if vec is None else vec + v
-                return vec
-            content = sum(projected)
-            if self.training and c.content_align and "id" in c.modalities:
-                self._align_penalty = c.content_align * self._alignment(uniq, content)
-            # The modalities summed over the distinct items, then one gather (embedding() as
-            # the gather: its backward is ~8× faster on CPU than advanced indexing's).
-            v = nn.functional.embedding(inverse, content)
-            vec = v if vec is None else vec + v
-        return vec
-
-    def _alignment(self, items: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        """Mean squared distance of the distinct items' content vectors from their full (ID +
-        content) vectors, the target held fixed: distillation of the warm items' learned
-        vectors into the content path (DropoutNet/ALDI-style cold start), so the vector a cold
-        item gets from content alone is the one a warm item with that content has. Its gradient
-        moves only the content path, towards what each item's ID embedding adds."""
-        target = (self.item_embedding(items) + content).detach()
-        return (content - target).pow(2).sum(-1).mean()
+        table, index = self.item_table(items)
+        return nn.functional.embedding(index, table)
 
     # -- the head: GMF ⊕ MLP over a user and an item vector --------------------------------
     def user_side(self, vectors: torch.Tensor) -> Side:
@@ -299,20 +338,14 @@ class BoNMF(nn.Module):
         half = vectors.shape[-1] - g
         return Side(vectors, nn.functional.linear(vectors[..., g:], first.weight[:, half:]))
 
-    def _score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
-        """Scores for user vectors (B, 1, W) against item vectors (B, C, W): `score_sides`'s
-        numbers for a batch of (user, C items) rows, shaped for the training step's backward.
-
-        Each vector is split once (one cat in backward, where every slice costs a zero-filled
-        full-size gradient), the GMF weights go onto the user side before the product, and the
-        GMF part is a batched matrix product (no (B, C, gmf) intermediate): ID-only epochs on
-        ML-1M ran 1.3× faster than through per-side slices (benchmarks/RESULTS.md).
-        """
+    def _score(self, user_gmf, user_mlp, item_gmf, item_mlp) -> torch.Tensor:
+        """Scores of users (B, 1, ·) against items (B, C, ·), each given as its GMF and MLP
+        parts: `score_sides`'s numbers for a batch of (user, C items) rows, shaped for the
+        training step's backward (the GMF weights go onto the user side before the product,
+        and the first MLP layer runs once per user and once per item occurrence)."""
         g, first, w = self.config.gmf_dim, self.mlp[0], self.out.weight[0]
-        half = user_vec.shape[-1] - g
-        user_gmf, user_mlp = user_vec.split([g, half], -1)
-        item_gmf, item_mlp = item_vec.split([g, half], -1)
-        gmf = torch.matmul(item_gmf, (user_gmf * w[:g]).transpose(-1, -2)).squeeze(-1)
+        half = user_mlp.shape[-1]
+        gmf = _BatchedDot.apply(item_gmf, (user_gmf * w[:g]).squeeze(1))
         hidden = (nn.functional.linear(user_mlp, first.weight[:, :half], first.bias) +
                   nn.functional.linear(item_mlp, first.weight[:, half:]))
         return gmf + self.mlp[1:](hidden) @ w[g:] + self.out.bias
@@ -337,21 +370,17 @@ class BoNMF(nn.Module):
         """Logits: users (B,) with items (B,) → (B,); with items (B, C) → (B, C).
 
         With `return_norms`, also the mean squared norm of the user and item vectors used
-        (per-example L2 regularization, as in tuned MF/NCF training) and, while training with
-        `content_align`, the weighted alignment penalty (`_alignment`) after it.
+        (per-example L2 regularization, as in tuned MF/NCF training).
         """
-        self._align_penalty = None
-        u = self.user_vectors(users)
-        i = self.item_vectors(items)
         flat = items.dim() == 1
-        logits = self._score(u.unsqueeze(1), i.unsqueeze(1) if flat else i)
+        g = self.config.gmf_dim
+        user_gmf, user_mlp, user_sq = _GatherParts.apply(*self.user_table(users[:, None]), g)
+        item_gmf, item_mlp, item_sq = _GatherParts.apply(
+            *self.item_table(items[:, None] if flat else items), g)
+        logits = self._score(user_gmf, user_mlp, item_gmf, item_mlp)
         logits = logits.squeeze(1) if flat else logits
         if return_norms:
-            # Mean squared norms as dot products: no squared copy, one multiply in backward.
-            norms = (_sum_of_squares(u) * (u.shape[-1] / u.numel()) +
-                     _sum_of_squares(i) * (i.shape[-1] / i.numel()))
-            penalty, self._align_penalty = self._align_penalty, None   # no graph kept after
-            return (logits, norms) if penalty is None else (logits, norms, penalty)
+            return logits, user_sq / users.numel() + item_sq / items.numel()
         return logits
 
     # -- scoring (the evaluation Scorer interface) ---------------------------------------
