@@ -37,12 +37,13 @@ def test_quality_json_shape(tmp_path):
 def test_train_throughput_json_shape(tmp_path):
     out = tmp_path / "t.json"
     _run("train_throughput.py", "--data", "demo", "--variants", "id,text+image", "--epochs",
-         "1", "--reference", "--set", 'encoders.source="basic"', "--out", str(out),
+         "2", "--reference", "--set", 'encoders.source="basic"', "--out", str(out),
          tmp_path=tmp_path)
     data = json.loads(out.read_text())
     for variant in ("id", "text+image"):
         run = data["variants"][variant]
         assert run["samples_per_s"] > 0 and run["epoch_s"] > 0 and run["peak_rss_mb"] > 0
+        assert len(run["epoch_s_each"]) == 2 and min(run["epoch_s_each"]) <= run["epoch_s"]
     assert data["epoch_cost_vs_id"]["id"] == 1.0 and data["epoch_cost_vs_id"]["text+image"] > 0
     assert data["reference"]["samples_per_s"] > 0 and data["id_speed_vs_reference"] > 0
     assert data["features"]["text"]["source"] == "hashed_bag_of_words"

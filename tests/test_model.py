@@ -50,6 +50,12 @@ def test_a_linear_content_projection_scores_like_the_forward_and_learns():
     logits, norms = model(users, torch.arange(20).expand(30, 20), return_norms=True)
     (logits.mean() + norms).backward()
     assert model.content["image"].weight.grad.abs().sum() > 0
+    # Training reads the modalities side by side through one product: the same vectors.
+    model.config.id_dropout = 0.0
+    with torch.no_grad():
+        expected = model.item_embedding.weight + sum(
+            project(model._reduced(m)) for m, project in model.content.items())
+        torch.testing.assert_close(model.train().item_vectors(torch.arange(20)), expected)
 
 
 def test_the_training_regularizer_is_the_mean_squared_norm_of_the_vectors_used():

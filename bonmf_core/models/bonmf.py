@@ -306,8 +306,7 @@ class BoNMF(nn.Module):
         rows, index = ((None, items) if items.numel() >= c.n_items
                        else torch.unique(items, return_inverse=True))
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        content = sum(self._weighted(m, project(pick(self._reduced(m))))
-                      for m, project in self.content.items())
+        content = self._content_rows(pick)
         if "id" not in c.modalities:
             return content, index
         ident = pick(self.item_embedding.weight)
@@ -317,6 +316,30 @@ class BoNMF(nn.Module):
             return ident + content, index
         keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
         return torch.cat([content, ident + content]), index + len(content) * keep
+
+    def _content_rows(self, pick) -> torch.Tensor:
+        """The content projections summed, for the catalog rows `pick` selects."""
+        if self.training and not self.config.content_hidden:
+            # Training (every weight 1) with linear projections: one matrix product over the
+            # modalities' features side by side instead of one per modality and their sum.
+            layers = list(self.content.values())
+            weight = torch.cat([layer.weight for layer in layers], 1)
+            return torch.addmm(sum(layer.bias for layer in layers),
+                               pick(self._reduced_side_by_side()), weight.T)
+        return sum(self._weighted(m, project(pick(self._reduced(m))))
+                   for m, project in self.content.items())
+
+    def _reduced_side_by_side(self) -> torch.Tensor:
+        """The content modalities' reduced features concatenated (items × Σ widths), cached
+        as `_reduced` is."""
+        parts = [self._reduced(m) for m in self.content]
+        stamp = tuple(self._reduced_cache[m][0] for m in self.content)
+        cached = self._reduced_cache.get("side_by_side")
+        if cached is None or cached[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (stamp, parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+            self._reduced_cache["side_by_side"] = cached
+        return cached[1]
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         table, index = self.user_table(users)
