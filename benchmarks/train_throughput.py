@@ -2,14 +2,13 @@
 one run, beside the plain same-architecture NeuMF loop (`benchmarks/reference_loop.py`).
 
     python benchmarks/train_throughput.py --data demo|DIR --variants id,text+image --reference \
-        --epochs 2 --out FILE.json
+        --epochs 5 --out FILE.json
 
 Trains on the `ncf` leave-one-out split without validation, so only training is timed. The
 variants and the reference take turns, one epoch each per round (shared machines slow down
 in phases); epoch times are medians over the rounds and each ratio the median of the rounds'
-paired ratios. Content
-features are the configured encoders' (`encoders.source`, pretrained by default: the embedding
-cache is filled first, outside the timing); `--set encoders.source=basic` for weight-free ones.
+paired ratios. Content features are the configured encoders' (`encoders.source`, pretrained
+by default: the embedding cache is filled first, outside the timing); `--set encoders.source=basic` for weight-free ones.
 Printed ratios: each variant against the first (the content path's cost over ID-only) and the
 first against the reference loop. Under `torchrun --nproc_per_node N` it trains data-parallel
 (DDP, the same global batch); samples/s is then the throughput of all ranks together, and

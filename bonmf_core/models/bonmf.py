@@ -173,6 +173,16 @@ class _BatchedDot(torch.autograd.Function):
                 torch.bmm(grad.unsqueeze(1), items).squeeze(1))
 
 
+def _distinct_rows(ids: torch.Tensor, n: int):
+    """(index, pick) for building a table over `ids` only: `pick(t)` takes the rows of a
+    per-entity tensor `t` the table needs and `index` points into them. Fewer ids than
+    entities → their distinct ones (a batch, a serving call); else every entity, as is."""
+    if ids.numel() >= n:
+        return ids, lambda t: t
+    rows, index = torch.unique(ids, return_inverse=True)
+    return index, lambda t: t.index_select(0, rows)   # backward: index_add_, not index_put_
+
+
 def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     """Reduced content features → an item vector: an MLP with one GELU hidden layer, or one
     linear map when `hidden` is 0."""
@@ -281,11 +291,13 @@ class BoNMF(nn.Module):
     # content projections) built once per call, then one gather per batch.
     def user_table(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, index): `users`' vectors are `table[index]`."""
-        table = self.user_embedding.weight
-        if self.config.user_attribute_cardinalities:
-            for j, emb in enumerate(self.user_attr):
-                table = table + emb(self.user_attributes[:, j])
-        return table, users
+        if not self.config.user_attribute_cardinalities:
+            return self.user_embedding.weight, users
+        index, pick = _distinct_rows(users, self.config.n_users)
+        table, codes = pick(self.user_embedding.weight), pick(self.user_attributes)
+        for j, emb in enumerate(self.user_attr):
+            table = table + emb(codes[:, j])
+        return table, index
 
     def item_table(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, index): `items`' vectors are `table[index]`.
@@ -298,14 +310,11 @@ class BoNMF(nn.Module):
         whatever the modalities.
         """
         c = self.config
+        if not self.content and self.training:
+            return self.item_embedding.weight, items
+        index, pick = _distinct_rows(items, c.n_items)
         if not self.content:
-            table = self.item_embedding.weight
-            return (table if self.training else table * self.warm_items.unsqueeze(1)), items
-        # Project each distinct item once: a batch smaller than the catalog projects only the
-        # items it holds (its index then points into those rows).
-        rows, index = ((None, items) if items.numel() >= c.n_items
-                       else torch.unique(items, return_inverse=True))
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            return pick(self.item_embedding.weight) * pick(self.warm_items).unsqueeze(1), index
         content = self._content_rows(pick)
         if "id" not in c.modalities:
             return content, index
