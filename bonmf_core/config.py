@@ -125,8 +125,10 @@ class ModelConfig(Section):
                                   description="first entry = user ⊕ item embedding width")
     content_hidden: int = Field(0, ge=0, description="hidden width of each content "
                                 "modality's projection (0 = one linear map)")
-    content_dim: int = Field(128, ge=0, description="PCA width of each content modality "
-                                                    "before its projection (0 = keep)")
+    content_dim: int | dict[Literal["text", "image"], int] = Field(
+        default_factory=lambda: {"text": 128, "image": 32}, description="PCA width of each content modality before its projection (0 = "
+                         "keep); a mapping gives each modality its own, e.g. {text: 128, "
+                         "image: 32}")
     id_dropout: float = Field(0.3, ge=0, lt=1, description="only where content exists")
     content_weight_grid: list[float] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0], min_length=1,
@@ -142,6 +144,17 @@ class ModelConfig(Section):
         if any(not 0 <= w <= 4 for w in weights):
             raise ValueError("content_weight_grid must lie in [0, 4]")
         return weights
+
+    @field_validator("content_dim")
+    @classmethod
+    def _widths_for_every_modality(cls, dim: int | dict) -> int | dict:
+        widths = dim.values() if isinstance(dim, dict) else [dim]
+        if any(w < 0 for w in widths):
+            raise ValueError("content_dim must be >= 0 (0 = keep the encoder's width)")
+        if isinstance(dim, dict) and set(dim) != {"text", "image"}:
+            raise ValueError("a content_dim mapping names text and image, e.g. "
+                             "{text: 128, image: 32}")
+        return dim
 
     @field_validator("mlp_layers")
     @classmethod

@@ -72,6 +72,15 @@ def test_set_parses_yaml_values_and_refuses_malformed_assignments():
             parse_set([bad])
 
 
+def test_content_dim_takes_one_width_or_one_per_modality_from_set():
+    cfg = load_config(sets=["model.content_dim={text: 128, image: 32}"], use_default_file=False)
+    assert cfg.model.content_dim == {"text": 128, "image": 32}
+    assert load_config(sets=["model.content_dim=64"], use_default_file=False
+                       ).model.content_dim == 64
+    with pytest.raises(ConfigError, match="model.content_dim"):
+        load_config(sets=["model.content_dim={text: 128}"], use_default_file=False)
+
+
 def test_bpr_schedule_is_complete_without_train_defaults():
     cfg = load_config(sets=["bpr.lr=0.05", "train.metric=hr@5"], use_default_file=False)
     schedule = cfg.bpr.as_train(cfg.train.metric)

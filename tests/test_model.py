@@ -84,8 +84,9 @@ def test_id_dropout_only_while_training():
     users, items = torch.zeros(200, dtype=torch.long), torch.full((200,), 3)
     model.train()
     torch.manual_seed(1)
-    train_scores = model(users, items)
-    assert train_scores.unique().numel() == 2  # with and without the ID embedding
+    steps = torch.stack([model(users, items) for _ in range(20)])
+    assert (steps == steps[:, :1]).all()          # one draw per item and step
+    assert steps[:, 0].unique().numel() == 2      # with and without the ID embedding
     model.eval()
     assert model(users, items).unique().numel() == 1
 
@@ -137,18 +138,46 @@ def test_a_catalog_smaller_than_the_content_dim_still_trains_and_scores():
     assert torch.isfinite(model.eval().score_users(torch.arange(10))).all()
 
 
-def test_id_dropout_drops_the_id_part_of_occurrences_while_training_only():
-    model = _model(("id", "text"))
+def test_id_dropout_drops_the_id_part_of_whole_items_while_training_only():
+    """Each step drops the ID part of about `id_dropout` of the items, for every occurrence of
+    a dropped item in the batch (one draw per item, as DropoutNet)."""
+    model = _model(("id", "text"), n_items=400)
     model.config.id_dropout = 0.5
-    items = torch.arange(20).repeat(10)
+    items = torch.arange(400).repeat(3)
     with torch.no_grad():
         text = model.content["text"](model._reduced("text"))[items]
         full = model.item_embedding(items) + text
+        torch.manual_seed(0)
         trained = model.train().item_vectors(items)
     is_text = torch.isclose(trained, text).all(-1)
     assert (is_text | torch.isclose(trained, full).all(-1)).all()  # each one or the other
-    assert 0.3 < is_text.float().mean() < 0.7                     # about half of them
+    per_item = is_text.view(3, 400)
+    assert (per_item == per_item[0]).all()                        # the same for each occurrence
+    assert 0.4 < per_item[0].float().mean() < 0.6                 # about half of the items
     torch.testing.assert_close(model.eval().item_vectors(items), full)
+
+
+def test_each_content_modality_can_have_its_own_reduced_width():
+    feats = {"text": torch.randn(40, 30), "image": torch.randn(40, 50)}
+    cfg = BoNMFConfig(10, 40, modalities=("id", "text", "image"),
+                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": 0,
+                         "content_dim": {"text": 12, "image": 4}},
+                      feature_dims={"text": 30, "image": 50})
+    model = BoNMF(cfg, features=feats)
+    assert model.reduce_features("text", feats["text"]).shape == (40, 12)
+    assert model.reduce_features("image", feats["image"]).shape == (40, 4)
+    assert model.content["image"].in_features == 4
+    model(torch.arange(10), torch.arange(10)).sum().backward()
+    assert BoNMFConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("value,match", [({"text": 64}, "names text and image"),
+                                         ({"text": 64, "image": -1}, ">= 0"),
+                                         ({"text": 64, "audio": 8}, "text")])
+def test_a_content_dim_mapping_is_checked(value, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(content_dim=value)
+    assert ModelConfig(content_dim={"text": 64, "image": 16}).content_dim["image"] == 16
 
 
 def test_artifacts_with_retired_options_load_when_they_were_off_only():

@@ -39,7 +39,8 @@ class BoNMFConfig:
     gmf_dim: int
     mlp_layers: tuple[int, ...]    # first entry = concatenated embedding width
     content_hidden: int
-    content_dim: int               # content features are PCA-reduced to this width (0 = keep)
+    # content features are PCA-reduced to this width (0 = keep), or to one per modality
+    content_dim: int | dict[str, int]
     id_dropout: float
     dropout: float
     # modality -> the weight its content vector gets when scoring (absent = 1): chosen on
@@ -249,6 +250,8 @@ class BoNMF(nn.Module):
 
     def _reduced_dim(self, modality: str) -> int:
         raw, dim = self.config.feature_dims[modality], self.config.content_dim
+        if isinstance(dim, dict):
+            dim = dim[modality]
         return raw if not dim or dim >= raw else dim
 
     def reduce_features(self, modality: str, raw: torch.Tensor) -> torch.Tensor:
@@ -303,11 +306,11 @@ class BoNMF(nn.Module):
         """(table, index): `items`' vectors are `table[index]`.
 
         An item's vector is its ID embedding (zero for items without training interactions:
-        they are scored from content alone) plus its content projections. Training drops
-        the ID part of each occurrence with probability `id_dropout` so the content path
-        learns to score alone: the table then holds every item twice, content only and
-        ID + content, and a dropped occurrence reads the first copy — a batch costs one gather
-        whatever the modalities.
+        they are scored from content alone) plus its content projections. Each training step
+        drops the ID part of each item with probability `id_dropout`, for all of the item's
+        occurrences in the batch (DropoutNet's per-item draw), so the content path learns to
+        score alone. A draw per occurrence needed the table twice (content only, ID + content)
+        and its gradient at twice the size: 0.85 ms of a 13 ms ML-1M step (RESULTS).
         """
         c = self.config
         if not self.content and self.training:
@@ -323,8 +326,8 @@ class BoNMF(nn.Module):
             return ident * pick(self.warm_items).unsqueeze(1) + content, index
         if not c.id_dropout:
             return ident + content, index
-        keep = torch.rand(items.shape, device=items.device) >= c.id_dropout
-        return torch.cat([content, ident + content]), index + len(content) * keep
+        keep = (torch.rand(len(ident), 1, device=ident.device) >= c.id_dropout).to(ident.dtype)
+        return torch.addcmul(content, ident, keep), index
 
     def _content_rows(self, pick) -> torch.Tensor:
         """The content projections summed, for the catalog rows `pick` selects."""
