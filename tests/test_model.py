@@ -212,7 +212,7 @@ def test_content_weights_scale_each_modality_when_scoring_only():
     torch.testing.assert_close(trained, model.item_embedding(items) + text + image)
 
 
-def test_the_fused_gather_and_batched_dot_have_exact_gradients():
+def test_the_fused_gathers_and_batched_dot_have_exact_gradients():
     from bonmf_core.models.bonmf import _BatchedDot, _GatherParts
     table = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     for index in (torch.tensor([[0, 3, 3], [6, 0, 1]]),      # fewer rows read than the table
@@ -221,6 +221,16 @@ def test_the_fused_gather_and_batched_dot_have_exact_gradients():
         gmf, mlp, squares = _GatherParts.apply(table, index, 2)
         torch.testing.assert_close(torch.cat([gmf, mlp], -1), table.detach()[index])
         torch.testing.assert_close(squares, table.detach()[index].pow(2).sum())
+    from bonmf_core.models.bonmf import _GatherItemRows
+    weight = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    for index in (torch.tensor([[2, 2, 2, 2], [5, 5, 1, 0]]), torch.arange(7).repeat(2)):
+        assert torch.autograd.gradcheck(
+            lambda t, w: _GatherItemRows.apply(t, w, index, 2), (table, weight))
+        gmf, first, squares = _GatherItemRows.apply(table, weight, index, 2)
+        rows = table.detach()[index]
+        torch.testing.assert_close(gmf, rows[..., :2])
+        torch.testing.assert_close(first, rows[..., 2:] @ weight.detach().T)
+        torch.testing.assert_close(squares, rows.pow(2).sum())
     items = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     users = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_BatchedDot.apply, (items, users))
