@@ -126,9 +126,9 @@ class ModelConfig(Section):
     content_hidden: int = Field(0, ge=0, description="hidden width of each content "
                                 "modality's projection (0 = one linear map)")
     content_dim: int | dict[Literal["text", "image"], int] = Field(
-        default_factory=lambda: {"text": 128, "image": 32}, description="PCA width of each content modality before its projection (0 = "
-                         "keep); a mapping gives each modality its own, e.g. {text: 128, "
-                         "image: 32}")
+        default_factory=lambda: {"text": 128, "image": 32},
+        description="PCA width of each content modality before its projection (0 = keep); "
+                    "a mapping gives each modality its own, e.g. {text: 128, image: 32}")
     id_dropout: float = Field(0.3, ge=0, lt=1, description="only where content exists")
     content_weight_grid: list[float] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0], min_length=1,

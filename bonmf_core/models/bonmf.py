@@ -163,9 +163,9 @@ class _GatherItemRows(torch.autograd.Function):
 
     The first layer runs once per table row instead of once per occurrence: an ML-1M batch
     reads 8,190 item occurrences from a table of at most 3,883 rows, so its forward and both
-    backward products shrink by half. The table must have no more rows than the index reads
-    (`item_table` builds it over the distinct items otherwise), and the L2 term goes in at
-    table size (`counts · row`).
+    backward products shrink by half. That pays only while the table has no more rows than
+    the index reads, which `item_table` ensures (over the distinct items otherwise); the L2
+    term goes in at table size (`counts · row`).
     """
 
     @staticmethod
