@@ -50,7 +50,8 @@ def _one(args) -> int:
                    reason=summary["decision"]["reason"],
                    candidate=summary["candidate"]["variant"],
                    metrics=summary["candidate"]["metrics"],
-                   fits_reused=summary["fits_reused"], fits_total=summary["fits_total"])
+                   fits_reused=summary["fits_reused"], fits_total=summary["fits_total"],
+                   fits=summary["fits"])
     print(json.dumps(out, default=float))
     return 0 if summary["success"] else 1
 

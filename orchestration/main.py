@@ -81,7 +81,8 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
     on its `pipeline.executor` (in-process by default: docs/executors.md); → a summary dict.
 
     summary: success, run_id, seconds, steps (seconds per step), failed_steps, checks (name →
-    passed), and on success the evaluation (table, report paths), the candidate and the gate
+    passed), and on success the evaluation (table, report paths), the candidate, each
+    candidate fit (variant, seed, reused, fit_s, best_epoch, epochs_run) and the gate
     decision. A failed run is recorded in the store's run_failures table.
     """
     from bonmf_core.settings import state_dir
@@ -159,11 +160,20 @@ def run_pipeline(cfg, *, state: Path | None = None, force: bool = False,
         results=evaluation["results"],
         candidate={k: candidate[k] for k in ("variant", "version_id", "artifact_path",
                                              "artifact_sha256", "metrics")},
+        fits=[_fit_record(f) for f in candidate["fits"]],
         fits_reused=sum(f["reused"] for f in candidate["fits"]),
         fits_total=len(candidate["fits"]),
         decision=decision, package=result.output_for_node("bento_package"),
         versioned=result.output_for_node("versioned_artifacts"))
     return summary
+
+
+def _fit_record(fit: dict) -> dict:
+    """One candidate fit in a run's summary: what it cost and where early stopping ended it
+    (so a slow run can be explained from its summary alone)."""
+    metrics = fit["metrics"]
+    return {"variant": fit["variant"], "seed": fit["seed"], "reused": fit["reused"],
+            **{k: metrics.get(k) for k in ("fit_s", "best_epoch", "epochs_run")}}
 
 
 def _failure_class(event) -> str | None:

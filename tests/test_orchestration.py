@@ -142,6 +142,14 @@ def test_unchanged_rerun_reuses_everything_and_adds_nothing(first_run, state):
     again = run_pipeline(load_config(flags=TINY, use_default_file=False), state=state, log_level="WARNING")
     assert again["success"]
     assert again["fits_reused"] == again["fits_total"]
+    # Each fit's cost and early stopping, the first run's as trained, the rerun's as reused.
+    first_fits = {(f["variant"], f["seed"]): f for f in first_run["fits"]}
+    assert len(first_fits) == first_run["fits_total"] and not any(
+        f["reused"] for f in first_run["fits"])
+    for fit in again["fits"]:
+        trained = first_fits[(fit["variant"], fit["seed"])]
+        assert fit["reused"] and 1 <= trained["best_epoch"] <= trained["epochs_run"]
+        assert fit["epochs_run"] == trained["epochs_run"]
     assert again["candidate"]["version_id"] == first_run["candidate"]["version_id"]
     assert again["decision"]["new_event"] is False
     # Same production model: nothing is rebuilt, the same archive is handed off.
