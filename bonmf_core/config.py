@@ -120,9 +120,13 @@ class ProtocolConfig(Section):
 
 
 class ModelConfig(Section):
-    gmf_dim: int = Field(64, ge=1)
+    head: Literal["neumf", "dot"] = Field(
+        "neumf", description="neumf = GMF ⊕ MLP (the paper's); dot = <user, item> + user, "
+                             "item and global biases (tuned MF, Rendle et al. 2020)")
+    gmf_dim: int = Field(64, ge=1, description="GMF width; the dot head's embedding width")
     mlp_layers: list[int] = Field(default_factory=lambda: [128, 64, 32], min_length=1,
-                                  description="first entry = user ⊕ item embedding width")
+                                  description="first entry = user ⊕ item embedding width "
+                                              "(neumf head only)")
     content_hidden: int = Field(0, ge=0, description="hidden width of each content "
                                 "modality's projection (0 = one linear map)")
     content_dim: int | dict[Literal["text", "image"], int] = Field(
@@ -168,7 +172,9 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """How a BoNMF model is trained (the BPR-MF baseline's schedule is `BprConfig`)."""
 
-    loss: Literal["bce", "bpr"] = "bce"
+    loss: Literal["bce", "bpr", "softmax"] = Field(
+        "bce", description="bce = logistic per item (NCF); bpr = pairwise; softmax = the "
+                           "positive's cross-entropy among its negatives (sampled softmax)")
     negatives: int = Field(4, ge=1, description="sampled negatives per positive")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(8192, ge=1)

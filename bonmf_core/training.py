@@ -273,10 +273,13 @@ def _epoch_pairs(sampler, u_pos, i_pos, cfg, gen):
 
 def _loss(model, users, items, labels, cfg) -> torch.Tensor:
     """A batch's mean loss. BCE labels column 0 as 1 and the rest 0 (the NCF recipe); BPR
-    pushes column 0 above each negative."""
+    pushes column 0 above each negative; softmax is the cross-entropy of column 0 among its
+    row (a sampled softmax: the positive against its negatives, a ranking loss per user)."""
     logits, norms = model(users, items, return_norms=True)
     if cfg.loss == "bce":
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
+    elif cfg.loss == "softmax":
+        loss = nn.functional.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long))
     else:
         loss = -nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
     if cfg.embedding_reg:

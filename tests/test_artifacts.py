@@ -8,10 +8,10 @@ from bonmf_core.errors import ConfigMismatchError
 from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 
 
-def _model(n_users=12, n_items=9):
+def _model(n_users=12, n_items=9, head="neumf"):
     torch.manual_seed(0)
     cfg = BoNMFConfig(n_users, n_items, modalities=("id", "text"), feature_dims={"text": 5},
-                      user_attribute_cardinalities=(2,), gmf_dim=4, mlp_layers=(8, 4),
+                      user_attribute_cardinalities=(2,), head=head, gmf_dim=4, mlp_layers=(8, 4),
                       content_hidden=8, content_dim=128, id_dropout=0.0, dropout=0.0)
     model = BoNMF(cfg, features={"text": torch.randn(n_items, 5)},
                   user_attributes=(torch.arange(n_users) % 2)[:, None])
@@ -27,8 +27,9 @@ def _ids(model):
             [f"i{i}" for i in range(model.config.n_items)])
 
 
-def test_round_trip_scores_identically_without_pickles(tmp_path):
-    model = _model()
+@pytest.mark.parametrize("head", ["neumf", "dot"])
+def test_round_trip_scores_identically_without_pickles(tmp_path, head):
+    model = _model(head=head)
     model.config.content_weights = {"text": 0.5}   # chosen on validation, saved with the config
     users, items = _ids(model)
     save_model(tmp_path / "m", model, user_ids=users, item_ids=items,
@@ -38,7 +39,7 @@ def test_round_trip_scores_identically_without_pickles(tmp_path):
     loaded, meta, id_maps = load_model(tmp_path / "m")
     torch.testing.assert_close(loaded.score_users(torch.arange(12)), model.score_users(torch.arange(12)))
     assert not loaded.warm_items[3] and loaded.warm_items[2]
-    assert loaded.config.content_weights == {"text": 0.5}
+    assert loaded.config.content_weights == {"text": 0.5} and loaded.config.head == head
     assert meta["seed"] == 3 and id_maps["item_ids"][4] == "i4"
     # safetensors starts with an 8-byte header length then JSON: no pickle opcodes anywhere.
     raw = (tmp_path / "m" / "model.safetensors").read_bytes()

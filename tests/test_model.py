@@ -8,11 +8,13 @@ from bonmf_core.models.bonmf import BoNMF, BoNMFConfig
 ARCH = ModelConfig().model_dump(exclude={"user_attributes", "content_weight_grid"})
 
 
-def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0, hidden=16):
+def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0, hidden=16,
+           head="neumf"):
     torch.manual_seed(seed)
     feats = {"text": torch.randn(n_items, 12), "image": torch.randn(n_items, 7)}
     cfg = BoNMFConfig(n_users, n_items, modalities=modalities,
-                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": hidden},
+                      **{**ARCH, "gmf_dim": 8, "mlp_layers": (16, 8, 4), "content_hidden": hidden,
+                         "head": head},
                       feature_dims={m: feats[m].shape[1] for m in modalities if m != "id"},
                       user_attribute_cardinalities=(3, 2) if attrs else ())
     user_attrs = torch.stack([torch.arange(n_users) % 3, torch.arange(n_users) % 2], 1)
@@ -25,12 +27,13 @@ def _model(modalities=("id",), attrs=False, n_users=30, n_items=20, seed=0, hidd
     return model.eval()
 
 
+@pytest.mark.parametrize("head", ["neumf", "dot"])
 @pytest.mark.parametrize("modalities,attrs", [(("id",), False), (("id", "text"), True),
                                               (("text", "image"), False),
                                               (("id", "text", "image"), True)])
-def test_full_catalog_scoring_equals_pairwise_forward(modalities, attrs):
+def test_full_catalog_scoring_equals_pairwise_forward(modalities, attrs, head):
     """score_users splits the first MLP layer for speed; it must give the forward's numbers."""
-    model = _model(modalities, attrs)
+    model = _model(modalities, attrs, head=head)
     users = torch.arange(30)
     full = model.score_users(users)
     pairs = model(users.repeat_interleave(20), torch.arange(20).repeat(30)).view(30, 20)
@@ -236,3 +239,72 @@ def test_the_fused_gathers_and_batched_dot_have_exact_gradients():
     assert torch.autograd.gradcheck(_BatchedDot.apply, (items, users))
     torch.testing.assert_close(_BatchedDot.apply(items, users),
                                (items * users[:, None]).sum(-1))
+
+
+@pytest.mark.parametrize("modalities", [("id",), ("id", "text", "image")])
+def test_the_dot_head_scores_the_biased_inner_product(modalities):
+    model = _model(modalities, attrs=True, head="dot", hidden=0)
+    assert not hasattr(model, "mlp") and model.user_embedding.weight.shape[1] == 8 + 1
+    users, items = torch.arange(30), torch.arange(20)
+    u, i = model.user_vectors(users), model.item_vectors(items)
+    expected = u[:, :8] @ i[:, :8].T + u[:, 8:] + i[:, 8:].T + model.bias
+    torch.testing.assert_close(model.score_users(users), expected.detach())
+    # The retrieval proxy is the exact score less the user's constant (bias + b).
+    from bonmf_core.serving.retrieval import HeadProxy
+    item_side = model.item_side(i.detach())
+    queries = torch.from_numpy(HeadProxy(model, item_side).queries(model.user_side(u.detach())))
+    torch.testing.assert_close(queries @ i.detach().T + u[:, 8:].detach() + model.bias.detach(),
+                               expected.detach())
+    # Training reaches the biases: they get gradients, content projections feed them too.
+    model.train()
+    logits, norms = model(users, items.expand(30, 20), return_norms=True)
+    (logits.mean() + norms).backward()
+    assert model.bias.grad is not None and model.user_embedding.weight.grad[:, 8].abs().sum() > 0
+    if "text" in modalities:
+        assert model.content["text"].weight.grad[8].abs().sum() > 0
+
+
+def test_a_fresh_dot_head_starts_as_tuned_mf_does():
+    """Embeddings N(0, 0.1²), biases 0 (Rendle et al.), and an artifact round-trips the head."""
+    torch.manual_seed(0)
+    cfg = BoNMFConfig(500, 400, **{**ARCH, "head": "dot"})
+    model = BoNMF(cfg)
+    weights = model.item_embedding.weight
+    assert (weights[:, -1] == 0).all() and model.bias.item() == 0
+    assert 0.09 < weights[:, :-1].std().item() < 0.11
+    assert BoNMFConfig.from_dict(cfg.to_dict()).head == "dot"
+    old = {k: v for k, v in _model().config.to_dict().items() if k != "head"}
+    assert BoNMFConfig.from_dict(old).head == "neumf"   # saved before the option existed
+    with pytest.raises(ValueError, match="head must be one of"):
+        BoNMFConfig(5, 5, **{**ARCH, "head": "mlp"})
+
+
+@pytest.mark.parametrize("head", ["neumf", "dot"])
+def test_fold_in_is_a_stationary_point_of_its_map_objective(head):
+    """Both heads' fold-in solve the objective `fold_in_many` states (the chord Newton steps
+    converge): the logistic loss of the liked items, `negatives` per liked item spread over
+    the rest, and the population prior around the start."""
+    from bonmf_core.models.bonmf import FOLD_IN_NEGATIVES, FOLD_IN_PRIOR
+
+    model = _model(("id", "text"), head=head, n_users=60, n_items=40)
+    liked = [3, 7, 8, 21]
+    with torch.no_grad():
+        items = model.item_side(model.item_vectors(torch.arange(40)))
+    start = model.cold_start_vectors(n=1)[0]
+    _, precision = model.user_prior()
+    labels = torch.zeros(40)
+    labels[liked] = 1
+    weights = torch.where(labels > 0, 1.0, FOLD_IN_NEGATIVES * len(liked) / (40 - len(liked)))
+
+    def gradient(u):
+        u = u.clone().requires_grad_()
+        with torch.enable_grad():
+            logits = model.score_sides(model.user_side(u[None]), items)[0]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, weight=weights, reduction="sum")
+            loss = loss + FOLD_IN_PRIOR / 2 * (u - start) @ precision @ (u - start)
+            return torch.autograd.grad(loss, [u])[0]
+
+    answer = model.fold_in_many([liked], items, steps=30)[0]
+    assert gradient(answer).norm() < 1e-3 * gradient(start).norm()
+    assert not torch.allclose(answer, start)

@@ -55,6 +55,37 @@ def test_bpr_mf_learns(small_demo, loo):
     assert evaluate(model, loo)["ndcg@10"] > pop["ndcg@10"] + 0.1
 
 
+def test_softmax_loss_is_the_positives_cross_entropy_among_its_negatives(small_demo, loo):
+    from bonmf_core.training import _loss
+
+    params = _params(loss="softmax", negatives=8)
+    model = build_bonmf(small_demo, ("id",), params.model, {})
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([[5, 1, 2], [7, 3, 4], [9, 0, 8]])
+    cfg = params.train.model_copy(update={"embedding_reg": 0.0})
+    loss = _loss(model, users, items, torch.tensor([[1.0, 0.0, 0.0]]), cfg)
+    logits = model(users, items)
+    expected = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    # and it trains a ranking model far above popularity
+    trained, result = fit_variant("id", small_demo, loo, params, 0, {})
+    pop = evaluate(Popularity(small_demo.n_items).fit(loo.train), loo)
+    assert evaluate(trained, loo)["ndcg@10"] > pop["ndcg@10"] + 0.3
+    assert result.history[0]["loss"] > result.history[-1]["loss"]
+
+
+def test_the_dot_head_trains_and_scores_cold_items_from_content(small_demo):
+    params = load_config(flags={"train": {"refit": False, **FAST, "epochs": 6, "patience": 3},
+                                "model": {"head": "dot", "gmf_dim": 16}},
+                         use_default_file=False)
+    split = cold_item_split(small_demo, seed=0)
+    feats, _ = basic_content_features(small_demo, ["text"], EncodersConfig())
+    model, result = fit_variant("text", small_demo, split, params, 0, feats)
+    assert model.config.head == "dot" and result.history[0]["loss"] > result.history[-1]["loss"]
+    pop = evaluate(Popularity(small_demo.n_items).fit(split.train), split)
+    # Cold items have no interactions: popularity ranks them at random; content must not.
+    assert evaluate(model, split)["ndcg@10"] > pop["ndcg@10"] + 0.3
+
+
 def test_same_seed_same_run(small_demo, loo):
     runs = []
     for _ in range(2):

@@ -76,7 +76,7 @@ def build_bonmf(dataset: Dataset, modalities, model: ModelConfig,
     attrs = dataset.user_attribute_codes() if model.user_attributes else None
     config = BoNMFConfig(
         n_users=dataset.n_users, n_items=dataset.n_items, modalities=tuple(modalities),
-        gmf_dim=model.gmf_dim, mlp_layers=tuple(model.mlp_layers),
+        head=model.head, gmf_dim=model.gmf_dim, mlp_layers=tuple(model.mlp_layers),
         content_hidden=model.content_hidden, content_dim=model.content_dim,
         feature_dims={m: int(features[m].shape[1]) for m in modalities if m != "id"},
         user_attribute_cardinalities=tuple(int(c) for c in attrs.max(0) + 1)

@@ -16,6 +16,11 @@ import torch
 from torch import nn
 
 MODALITIES = ("id", "text", "image")
+# The head: NeuMF (GMF ⊕ MLP, the paper's) or a dot product with user, item and global biases
+# (the tuned MF of Rendle et al. 2020, which ranks better than NeuMF on ML-1M: RESULTS).
+HEADS = ("neumf", "dot")
+# The dot head's embeddings start N(0, 0.1²) as in Rendle et al.; NeuMF's N(0, 0.01²).
+INIT_STD = {"neumf": 0.01, "dot": 0.1}
 # fold_in (a new user's vector, `BoNMF.fold_in_many`): Newton steps, negatives per liked item
 # (as in training), the weight of the population prior. Chosen on the `cold_users` validation
 # users of ML-1M (benchmarks/fold_in.py; benchmarks/RESULTS.md).
@@ -36,8 +41,9 @@ class BoNMFConfig:
     feature_dims: dict[str, int] = field(default_factory=dict)  # modality -> input width
     user_attribute_cardinalities: tuple[int, ...] = ()
     _: KW_ONLY
-    gmf_dim: int
-    mlp_layers: tuple[int, ...]    # first entry = concatenated embedding width
+    head: str                      # one of HEADS
+    gmf_dim: int                   # the dot head: the embedding width
+    mlp_layers: tuple[int, ...]    # first entry = concatenated embedding width (NeuMF only)
     content_hidden: int
     # content features are PCA-reduced to this width (0 = keep), or to one per modality
     content_dim: int | dict[str, int]
@@ -61,6 +67,8 @@ class BoNMFConfig:
             raise ValueError(f"modalities {missing} need feature matrices (feature_dims)")
         if self.mlp_layers[0] % 2:
             raise ValueError("mlp_layers[0] must be even: it is user ⊕ item embedding width")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +76,7 @@ class BoNMFConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "BoNMFConfig":
         data = dict(data)
+        data.setdefault("head", "neumf")   # artifacts saved before the dot head existed
         for key in RETIRED_OPTIONS:   # measured, not adopted, removed (benchmarks/RESULTS.md)
             value = data.pop(key, 0.0)
             if value:
@@ -106,10 +115,11 @@ def _pca_basis(features: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Te
 class Side:
     """User or item vectors prepared for scoring against many of the other side: the vectors
     (GMF part ⊕ MLP part) and the first MLP layer's share of them. That layer is linear over
-    [user ⊕ item], so each side's share is computed once instead of once per pair."""
+    [user ⊕ item], so each side's share is computed once instead of once per pair. Under the
+    dot head the MLP part is the side's bias, and `first` is that bias."""
 
     vectors: torch.Tensor   # (N, width)
-    first: torch.Tensor     # (N, mlp_layers[1]); the user side carries the layer's bias
+    first: torch.Tensor     # (N, mlp_layers[1] or 1); NeuMF's user side carries the layer's bias
 
     def select(self, rows) -> "Side":
         return Side(self.vectors[rows], self.first[rows])
@@ -233,10 +243,13 @@ def _content_projection(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
 
 
 class BoNMF(nn.Module):
-    """NeuMF over fused ID + content representations.
+    """NeuMF (or a dot product with biases: `head`) over fused ID + content representations.
 
     Each user/item has one vector of width `gmf_dim + mlp_layers[0] // 2`: the first part feeds
     the GMF branch, the rest the MLP branch (one table each side: half the embedding lookups).
+    Under the dot head the vector is `gmf_dim` embedding columns and one bias column, and
+    score(u, i) = <u_emb, i_emb> + u_bias + i_bias + b; content projections feed both, so a
+    cold item gets a popularity prior (its bias) from its content as well.
     `forward(users (B,), items (B,) or (B, C))` scores each user against its C items, so a
     positive and its sampled negatives share one user lookup and one user-side MLP product.
     """
@@ -245,7 +258,7 @@ class BoNMF(nn.Module):
                  user_attributes: torch.Tensor | None = None):
         super().__init__()
         self.config = c = config
-        width = c.gmf_dim + c.mlp_layers[0] // 2
+        width = c.gmf_dim + (1 if c.head == "dot" else c.mlp_layers[0] // 2)
         self.user_embedding = nn.Embedding(c.n_users, width)
         self.user_attr = nn.ModuleList(nn.Embedding(n, width)
                                        for n in c.user_attribute_cardinalities)
@@ -257,13 +270,16 @@ class BoNMF(nn.Module):
         self.content = nn.ModuleDict({m: _content_projection(self._reduced_dim(m),
                                                              c.content_hidden, width)
                                       for m in content})
-        layers: list[nn.Module] = []
-        for a, b in zip(c.mlp_layers[:-1], c.mlp_layers[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-            if c.dropout:
-                layers.append(nn.Dropout(c.dropout))
-        self.mlp = nn.Sequential(*layers)
-        self.out = nn.Linear(c.gmf_dim + c.mlp_layers[-1], 1)
+        if c.head == "dot":
+            self.bias = nn.Parameter(torch.zeros(()))
+        else:
+            layers: list[nn.Module] = []
+            for a, b in zip(c.mlp_layers[:-1], c.mlp_layers[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+                if c.dropout:
+                    layers.append(nn.Dropout(c.dropout))
+            self.mlp = nn.Sequential(*layers)
+            self.out = nn.Linear(c.gmf_dim + c.mlp_layers[-1], 1)
 
         # Data the model scores with but does not learn: content features, user attributes and
         # which items have trained ID embeddings. Buffers, so they travel with the weights.
@@ -319,8 +335,14 @@ class BoNMF(nn.Module):
         embeddings = [self.user_embedding, *self.user_attr]
         if "id" in self.config.modalities:
             embeddings.append(self.item_embedding)
+        dot = self.config.head == "dot"
         for emb in embeddings:
-            nn.init.normal_(emb.weight, std=0.01)
+            nn.init.normal_(emb.weight, std=INIT_STD[self.config.head])
+            if dot:
+                nn.init.zeros_(emb.weight[:, -1])   # the bias column
+        if dot:
+            nn.init.zeros_(self.bias)
+            return
         for mod in self.mlp:
             if isinstance(mod, nn.Linear):
                 nn.init.xavier_uniform_(mod.weight)
@@ -403,12 +425,16 @@ class BoNMF(nn.Module):
 
     # -- the head: GMF ⊕ MLP over a user and an item vector --------------------------------
     def user_side(self, vectors: torch.Tensor) -> Side:
+        if self.config.head == "dot":
+            return Side(vectors, vectors[..., -1:])
         first, g = self.mlp[0], self.config.gmf_dim
         half = vectors.shape[-1] - g
         return Side(vectors, nn.functional.linear(vectors[..., g:], first.weight[:, :half],
                                                   first.bias))
 
     def item_side(self, vectors: torch.Tensor) -> Side:
+        if self.config.head == "dot":
+            return Side(vectors, vectors[..., -1:])
         first, g = self.mlp[0], self.config.gmf_dim
         half = vectors.shape[-1] - g
         return Side(vectors, nn.functional.linear(vectors[..., g:], first.weight[:, half:]))
@@ -419,6 +445,9 @@ class BoNMF(nn.Module):
         (`_GatherItemRows`). `score_sides`'s numbers for a batch of (user, C items) rows,
         shaped for the training step's backward (the GMF weights go onto the user side before
         the product, and the first MLP layer runs once per user and once per item)."""
+        if self.config.head == "dot":   # the MLP parts are the biases
+            return (_BatchedDot.apply(item_gmf, user_gmf.squeeze(1)) + user_mlp[..., 0]
+                    + item_first[..., 0] + self.bias)
         g, first, w = self.config.gmf_dim, self.mlp[0], self.out.weight[0]
         half = user_mlp.shape[-1]
         gmf = _BatchedDot.apply(item_gmf, (user_gmf * w[:g]).squeeze(1))
@@ -432,7 +461,11 @@ class BoNMF(nn.Module):
         in blocks of ~32k pairs so the intermediates stay in cache (≈5× faster than blocks
         of 1M pairs on ML-1M).
         """
-        g, w = self.config.gmf_dim, self.out.weight[0]
+        g = self.config.gmf_dim
+        if self.config.head == "dot":
+            return (users.vectors[:, :g] @ items.vectors[:, :g].T + users.first
+                    + items.first.T + self.bias)
+        w = self.out.weight[0]
         out = (users.vectors[:, :g] * w[:g]) @ items.vectors[:, :g].T + self.out.bias
         rest = self.mlp[1:]
         step = max(1, 32768 // max(1, len(items.vectors)))
@@ -451,14 +484,20 @@ class BoNMF(nn.Module):
         g = self.config.gmf_dim
         user_gmf, user_mlp, user_sq = _GatherParts.apply(*self.user_table(users[:, None]), g)
         table, index = self.item_table(items[:, None] if flat else items)
-        half = table.shape[1] - g
         item_gmf, item_first, item_sq = _GatherItemRows.apply(
-            table, self.mlp[0].weight[:, half:], index, g)
+            table, self._item_first_weight(table), index, g)
         logits = self._score(user_gmf, user_mlp, item_gmf, item_first)
         logits = logits.squeeze(1) if flat else logits
         if return_norms:
             return logits, user_sq / users.numel() + item_sq / items.numel()
         return logits
+
+    def _item_first_weight(self, table: torch.Tensor) -> torch.Tensor:
+        """The first MLP layer's item columns; under the dot head the identity on the bias
+        column (so `_GatherItemRows` passes the bias through)."""
+        if self.config.head == "dot":
+            return table.new_ones(1, 1)
+        return self.mlp[0].weight[:, table.shape[1] - self.config.gmf_dim:]
 
     # -- scoring (the evaluation Scorer interface) ---------------------------------------
     @torch.inference_mode()
@@ -570,12 +609,14 @@ class BoNMF(nn.Module):
         # Each liked item counts once; its `negatives` are spread over the other items.
         weights = torch.where(labels > 0, 1.0,
                               negatives * n_liked / (n_items - n_liked).clamp_min(1))
+        eye = prior * precision
+        if self.config.head == "dot":
+            return self._map_dot(items, labels, weights, starts, eye, steps)
         first = self.mlp[0]
         w_out = self.out.weight[0]
         user_first_weight = first.weight[:, :first.weight.shape[1] // 2]   # (H1, W - g)
         jac_gmf = items.vectors[:, :g] * w_out[:g]          # ∂logit/∂u_gmf: the same per user
         u = starts.clone()
-        eye = prior * precision
         factors = None
         for _ in range(steps):
             side = self.user_side(u)
@@ -595,6 +636,23 @@ class BoNMF(nn.Module):
                 jac = torch.cat([jac_gmf.expand(len(u), -1, -1), delta @ user_first_weight], -1)
                 curvature = (weights * p * (1 - p)).unsqueeze(-1)
                 factors = torch.linalg.lu_factor(jac.transpose(1, 2) @ (curvature * jac) + eye)
+            u = u - torch.linalg.lu_solve(*factors, grad.unsqueeze(-1)).squeeze(-1)
+        return u
+
+    def _map_dot(self, items: Side, labels, weights, starts, eye, steps) -> torch.Tensor:
+        """`_map_user_vectors` under the dot head: the logit is linear in the user vector
+        ([embedding ⊕ bias] · [item embedding ⊕ 1] + item bias + b), so every user shares one
+        Jacobian and each step is a Newton step on a logistic regression."""
+        g = self.config.gmf_dim
+        jac = torch.cat([items.vectors[:, :g], items.vectors.new_ones(len(items.vectors), 1)], 1)
+        offset = items.first[:, 0] + self.bias
+        u, factors = starts.clone(), None
+        for _ in range(steps):
+            p = torch.sigmoid(u @ jac.T + offset)
+            grad = (weights * (p - labels)) @ jac + (u - starts) @ eye
+            if factors is None:   # chord Newton, as `_map_user_vectors`
+                curvature = (weights * p * (1 - p)).unsqueeze(-1)
+                factors = torch.linalg.lu_factor(jac.T @ (curvature * jac) + eye)
             u = u - torch.linalg.lu_solve(*factors, grad.unsqueeze(-1)).squeeze(-1)
         return u
 

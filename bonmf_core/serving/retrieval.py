@@ -21,7 +21,9 @@ one point, as a gradient at the mean item would be (measured on a trained head: 
 
     query_u = [u_g ⊙ w_g,  W1_itemᵀ g_u]        key_i = [i_g, i_m]  (the item vector)
 
-The constant c_u and b do not change a user's ranking. The proxy only chooses candidates:
+The constant c_u and b do not change a user's ranking. The dot head needs no proxy: with
+query_u = [u_emb, 1] and key_i = [i_emb, i_bias] the inner product is the score less u's
+bias and b. The proxy only chooses candidates:
 every answer is the full head's score of the `serving.ann_candidates` best candidates (plus
 the user's seen items, removed afterwards), so its error costs recall, never wrong scores.
 
@@ -74,6 +76,8 @@ class HeadProxy:
         n = len(items.first)
         rows = torch.randperm(n, generator=gen)[:ANCHORS] if n > ANCHORS else torch.arange(n)
         self.anchors = items.first[rows].detach()
+        if model.config.head == "dot":   # already an inner product: no proxy needed
+            return
         g = model.config.gmf_dim
         half = items.vectors.shape[1] - g
         self.w_gmf = model.out.weight[0, :g].detach()
@@ -95,6 +99,9 @@ class HeadProxy:
     def queries(self, users) -> np.ndarray:
         """(U, item width) float32 queries for user sides (`BoNMF.user_side`)."""
         g = self.model.config.gmf_dim
+        if self.model.config.head == "dot":   # [u_emb, 1] · [i_emb, i_bias]: the exact score
+            q = torch.cat([users.vectors[:, :g], torch.ones(len(users.vectors), 1)], dim=1)
+            return np.ascontiguousarray(q.detach().numpy(), dtype=np.float32)
         with torch.no_grad():
             grads = self.mlp_gradients(users.first)
             q = torch.cat([users.vectors[:, :g] * self.w_gmf, grads @ self.w1_item], dim=1)
