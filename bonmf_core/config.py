@@ -121,7 +121,7 @@ class ProtocolConfig(Section):
 
 class ModelConfig(Section):
     head: Literal["neumf", "dot"] = Field(
-        "neumf", description="neumf = GMF ⊕ MLP (the paper's); dot = <user, item> + user, "
+        "dot", description="neumf = GMF ⊕ MLP (the paper's); dot = <user, item> + user, "
                              "item and global biases (tuned MF, Rendle et al. 2020)")
     gmf_dim: int = Field(64, ge=1, description="GMF width; the dot head's embedding width")
     mlp_layers: list[int] = Field(default_factory=lambda: [128, 64, 32], min_length=1,
@@ -175,15 +175,15 @@ class TrainConfig(Section):
     loss: Literal["bce", "bpr", "softmax"] = Field(
         "bce", description="bce = logistic per item (NCF); bpr = pairwise; softmax = the "
                            "positive's cross-entropy among its negatives (sampled softmax)")
-    negatives: int = Field(4, ge=1, description="sampled negatives per positive")
-    epochs: int = Field(30, ge=1)
+    negatives: int = Field(8, ge=1, description="sampled negatives per positive")
+    epochs: int = Field(60, ge=1)
     batch_size: int = Field(8192, ge=1)
-    lr: float = Field(0.003, gt=0)
+    lr: float = Field(0.002, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    embedding_reg: float = Field(0.001, ge=0, description="L2 on each batch's user/item "
-                                                          "vectors")
-    lr_decay: float = Field(0.8, gt=0, le=1, description="learning rate × this every epoch")
-    patience: int = Field(3, ge=1, description="epochs without validation gain before "
+    embedding_reg: float = Field(0.0025, ge=0, description="L2 on each batch's user/item "
+                                                           "vectors")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="learning rate × this every epoch")
+    patience: int = Field(5, ge=1, description="epochs without validation gain before "
                                                "stopping")
     metric: Metric = Field("ndcg@10", pattern=METRIC_PATTERN,
                            description="validation metric for early stopping and the "

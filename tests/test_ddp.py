@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.demo_users=600", "data.demo_items=250", "model.gmf_dim=16",
-         "model.mlp_layers=[32,16,8]", "train.epochs=6", "bpr.epochs=6", "bpr.dim=16"]
+         "model.mlp_layers=[32,16,8]", "train.epochs=6", "train.lr=0.01", "bpr.epochs=6",
+         "bpr.dim=16"]
 TIMEOUT = 600
 
 

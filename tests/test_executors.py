@@ -34,7 +34,8 @@ CHECKS = {"parsing", "interactions", "catalog", "referential", "drift"}
 # The tiny run of tests/test_cli.py, one epoch: the embedded demo (3000 users × 1000 items),
 # weight-free encoders, pop vs id — id beats pop by far (ndcg@10 ≈ 0.40 vs 0.22), so the gate
 # promotes on any machine.
-TINY = ["--variants", "pop,id", "--encoders", "basic", "--epochs", "1"]
+# One epoch: a learning rate that lets it beat popularity (the gate must promote).
+TINY = ["--variants", "pop,id", "--encoders", "basic", "--epochs", "1", "--set", "train.lr=0.01"]
 METRICS = ("hr@10", "ndcg@10")
 MARKER = "BONMF_EXECUTOR_TEST_MARKER"
 

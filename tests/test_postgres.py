@@ -318,6 +318,7 @@ def test_bonmf_run_writes_its_store_and_dagster_runs_to_postgres(postgres, tmp_p
     env = _env(BONMF_STATE_DIR=str(state), BONMF_STORE_URL=store_url, BONMF_PARAMS="",
                **postgres.env("dagster"))
     proc = _bonmf("run", "--variants", "pop,id", "--encoders", "basic", "--epochs", "1",
+                  "--set", "train.lr=0.01",
                   "--set", "promotion.floors={}", "--set", "data.demo_users=200",
                   "--set", "data.demo_items=250", "-q", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

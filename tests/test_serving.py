@@ -351,7 +351,8 @@ def test_a_changed_head_changes_the_served_scores(content_engine):
     engine = ServingEngine(content_engine.path, load_encoders=False)
     before = engine.recommend("u5", k=5)["items"]
     with torch.no_grad():
-        engine.model.out.bias += 1.0
+        bias = engine.model.bias if engine.model.config.head == "dot" else engine.model.out.bias
+        bias += 1.0
     after = engine.recommend("u5", k=5)["items"]
     assert [i["item_id"] for i in after] == [i["item_id"] for i in before]
     assert np.allclose([i["score"] for i in after], [i["score"] + 1.0 for i in before],

@@ -22,7 +22,7 @@ def loo(small_demo):
 
 
 def _params(**train):
-    return load_config(flags={"train": {"refit": False, **FAST, **train},
+    return load_config(flags={"train": {"refit": False, "lr": 0.01, **FAST, **train},
                               "model": {"gmf_dim": 16, "mlp_layers": [32, 16, 8],
                                         "content_hidden": 64}}, use_default_file=False)
 
