@@ -197,28 +197,14 @@ def test_fold_in_solves_the_map_objective(cold_fits):
     """The Newton answer is (near) a stationary point of the objective the docstring states:
     the logistic loss of the liked items plus `negatives` per liked item spread over the
     others, plus the population prior around the start."""
-    from bonmf_core.models.bonmf import FOLD_IN_NEGATIVES, FOLD_IN_PRIOR
+    from fold_in_objective import map_gradient
 
     model = cold_fits["id"]["scorer"]
     liked = torch.tensor([4, 9, 2, 40, 41])
     with torch.no_grad():
         items = model.item_side(model.item_vectors(torch.arange(model.config.n_items)))
     start = model.cold_start_vectors(n=1)[0]
-    _, precision = model.user_prior()
-    labels = torch.zeros(model.config.n_items)
-    labels[liked] = 1
-    weights = torch.where(labels > 0, 1.0, FOLD_IN_NEGATIVES * len(liked) /
-                          (model.config.n_items - len(liked)))
-
-    def gradient(u):
-        u = u.clone().requires_grad_()
-        with torch.enable_grad():
-            logits = model.score_sides(model.user_side(u[None]), items)[0]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, labels, weight=weights, reduction="sum")
-            loss = loss + FOLD_IN_PRIOR / 2 * (u - start) @ precision @ (u - start)
-            return torch.autograd.grad(loss, [u])[0]
-
+    gradient = map_gradient(model, items, liked.tolist(), start)
     answer = model.fold_in(liked.tolist())
     assert gradient(answer).norm() < 0.02 * gradient(start).norm()
     assert not torch.allclose(answer, start)

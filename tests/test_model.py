@@ -284,27 +284,14 @@ def test_fold_in_is_a_stationary_point_of_its_map_objective(head):
     """Both heads' fold-in solve the objective `fold_in_many` states (the chord Newton steps
     converge): the logistic loss of the liked items, `negatives` per liked item spread over
     the rest, and the population prior around the start."""
-    from bonmf_core.models.bonmf import FOLD_IN_NEGATIVES, FOLD_IN_PRIOR
+    from fold_in_objective import map_gradient
 
     model = _model(("id", "text"), head=head, n_users=60, n_items=40)
     liked = [3, 7, 8, 21]
     with torch.no_grad():
         items = model.item_side(model.item_vectors(torch.arange(40)))
     start = model.cold_start_vectors(n=1)[0]
-    _, precision = model.user_prior()
-    labels = torch.zeros(40)
-    labels[liked] = 1
-    weights = torch.where(labels > 0, 1.0, FOLD_IN_NEGATIVES * len(liked) / (40 - len(liked)))
-
-    def gradient(u):
-        u = u.clone().requires_grad_()
-        with torch.enable_grad():
-            logits = model.score_sides(model.user_side(u[None]), items)[0]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, labels, weight=weights, reduction="sum")
-            loss = loss + FOLD_IN_PRIOR / 2 * (u - start) @ precision @ (u - start)
-            return torch.autograd.grad(loss, [u])[0]
-
+    gradient = map_gradient(model, items, liked, start)
     answer = model.fold_in_many([liked], items, steps=30)[0]
     assert gradient(answer).norm() < 1e-3 * gradient(start).norm()
     assert not torch.allclose(answer, start)
