@@ -1,6 +1,6 @@
 """The objective `BoNMF.fold_in_many` states, for tests that check its answer is a stationary
 point: the logistic loss of the liked items, `FOLD_IN_NEGATIVES` per liked item spread over the
-other items, and the population prior around the start."""
+other items, and the population prior (the head's weight) around the start."""
 
 import torch
 
@@ -21,7 +21,7 @@ def map_gradient(model, items, liked, start):
             logits = model.score_sides(model.user_side(u[None]), items)[0]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels, weight=weights, reduction="sum")
-            loss = loss + FOLD_IN_PRIOR / 2 * (u - start) @ precision @ (u - start)
+            loss = loss + FOLD_IN_PRIOR[model.config.head] / 2 * (u - start) @ precision @ (u - start)
             return torch.autograd.grad(loss, [u])[0]
 
     return gradient

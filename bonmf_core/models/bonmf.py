@@ -21,10 +21,12 @@ MODALITIES = ("id", "text", "image")
 HEADS = ("neumf", "dot")
 # The dot head's embeddings start N(0, 0.1²) as in Rendle et al.; NeuMF's N(0, 0.01²).
 INIT_STD = {"neumf": 0.01, "dot": 0.1}
-# fold_in (a new user's vector, `BoNMF.fold_in_many`): Newton steps, negatives per liked item
-# (as in training), the weight of the population prior. Chosen on the `cold_users` validation
-# users of ML-1M (benchmarks/fold_in.py; benchmarks/RESULTS.md).
-FOLD_IN_STEPS, FOLD_IN_NEGATIVES, FOLD_IN_PRIOR = 5, 4, 3.0
+# fold_in (a new user's vector, `BoNMF.fold_in_many`): Newton steps, negatives per liked item,
+# the weight of the population prior per head. Chosen on the `cold_users` validation users of
+# ML-1M (benchmarks/fold_in.py; benchmarks/RESULTS.md): the dot head's trained user vectors
+# spread less than NeuMF's, so a weaker weight on their covariance serves it best.
+FOLD_IN_STEPS, FOLD_IN_NEGATIVES = 5, 4
+FOLD_IN_PRIOR = {"neumf": 3.0, "dot": 1.0}
 # Options older artifacts may carry (always 0 in the ones this version can score).
 RETIRED_OPTIONS = ("modality_dropout", "content_align")
 
@@ -570,7 +572,7 @@ class BoNMF(nn.Module):
         return self.fold_in_many([liked], items, **options)[0]
 
     def fold_in_many(self, profiles: Sequence[Sequence[int]], items: Side | None = None, *,
-                     starts: torch.Tensor | None = None, prior: float = FOLD_IN_PRIOR,
+                     starts: torch.Tensor | None = None, prior: float | None = None,
                      negatives: float = FOLD_IN_NEGATIVES, steps: int = FOLD_IN_STEPS,
                      chunk: int = 32) -> torch.Tensor:
         """User vectors (P, W) for profiles of liked item indices, everything trained frozen:
@@ -580,8 +582,9 @@ class BoNMF(nn.Module):
         `starts`, default `cold_start_vectors`) of the training objective's expectation: the
         logistic loss of every liked item as a positive plus `negatives` per liked item spread
         evenly over every other item (what uniform negative sampling draws on average), plus
-        `prior`/2 · (u − start)ᵀ Σ⁻¹ (u − start). The head is piecewise linear in the user
-        vector (GMF is linear, the MLP is ReLU), so Gauss–Newton is Newton here: `steps`
+        `prior`/2 · (u − start)ᵀ Σ⁻¹ (u − start) (`prior` default: the head's `FOLD_IN_PRIOR`).
+        The head is piecewise linear in the user vector (GMF and the dot head are linear, the
+        MLP is ReLU), so Gauss–Newton is Newton here: `steps`
         solves of a W × W system instead of tens of stochastic gradient steps, and the answer is
         deterministic — the same profile (in any order, with repeats) gets the same vector, alone
         or in a batch. `items`: `item_side` of all items when the caller has it already.
@@ -592,6 +595,8 @@ class BoNMF(nn.Module):
             if starts is None:
                 starts = self.cold_start_vectors(n=len(profiles))
             _, precision = self.user_prior()
+            if prior is None:
+                prior = FOLD_IN_PRIOR[self.config.head]
             out = torch.empty_like(starts)
             for s in range(0, len(profiles), chunk):
                 out[s:s + chunk] = self._map_user_vectors(
