@@ -10,6 +10,13 @@ service and the protocol use), (b) the reference fold-in, (c) no fold-in (the st
 alone), and how many of (a)'s top 10 (b) shares. Latency: p50 / p95 of one profile of 10 liked
 items with the catalog's item side precomputed (as the serving engine holds it), at one torch
 thread (a server worker's setting), (a) against (b).
+
+How `FOLD_IN_PRIOR` is chosen (on the validation users, never the test ones):
+
+    python benchmarks/fold_in.py --data ../shared/datasets/ml-1m --given 1,3,10 --split valid \
+        --priors 0.3,0.6,1,3,10 --cache .bonmf/fits --out results/fold_in_valid.json
+
+adds (a) at each prior weight as `map_prior<w>` beside the others.
 """
 
 from __future__ import annotations
@@ -113,6 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--given", default="3", help="comma-separated revealed counts")
     p.add_argument("--cache", default=None, help="fit cache folder (reuse the trained model)")
     p.add_argument("--n", type=int, default=100, help="latency repetitions")
+    p.add_argument("--split", choices=("test", "valid"), default="test",
+                   help="the held-out users to answer (valid: for choosing the prior)")
+    p.add_argument("--priors", default="",
+                   help="comma-separated prior weights to compare (default: the head's only)")
     add_config_arguments(p)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -130,14 +141,18 @@ def main(argv=None) -> int:
     if model is None:
         from bonmf_core.models.artifacts import load_model
         model = load_model(fit["artifact_path"])[0]
+    fits = dict(FITS)
+    for w in (float(x) for x in args.priors.split(",") if x):
+        fits[f"map_prior{w:g}"] = (lambda m, profiles, items, starts, w=w:
+                                   m.fold_in_many(profiles, items, starts=starts, prior=w))
     quality: dict = {}
     for g in given:
         row = {}
         answers = {}
-        for name, fn in FITS.items():
+        for name, fn in fits.items():
             answers[name] = _Answer(model, fn)
             row[name] = evaluate_cold_users(answers[name], replace(split, given=(g,)),
-                                            "test")["ndcg@10"]
+                                            args.split)["ndcg@10"]
         a, b = answers["map_newton"].top, answers["reference_adam60"].top
         row["top10_shared_with_reference"] = float(np.mean([len(a[u] & b[u]) / 10 for u in a]))
         quality[f"given{g}"] = row
@@ -155,6 +170,7 @@ def main(argv=None) -> int:
           f"(p95 {speed['map_newton']['p95_ms']:.2f}); reference p50 "
           f"{speed['reference_adam60']['p50_ms']:.2f} ms; speed-up {speed['speedup']:.1f}x")
     write_json(args.out, {"dataset": dataset.name, "protocol": split.describe(),
+                          "users": args.split, "head": model.config.head,
                           "metric": "ndcg@10", "quality": quality, "latency_10_liked": speed,
                           "model_fit": {"best_epoch": fit.get("best_epoch"),
                                         "reused": fit.get("reused")}})

@@ -34,6 +34,23 @@ def test_quality_json_shape(tmp_path):
     assert data["features"]["text"]["source"] == "hashed_bag_of_words"
 
 
+def test_fold_in_prior_grid_on_validation_users(tmp_path):
+    """`--priors` adds the MAP fold-in at each weight; the head's own weight (dot: 1) is the
+    default one, so its row equals `map_newton`'s, and another weight answers differently."""
+    out = tmp_path / "f.json"
+    _run("fold_in.py", "--data", "demo", "--given", "3", "--split", "valid", "--priors", "1,30",
+         "--n", "3", "--set", "train.epochs=2", "--set", "train.lr=0.01", "--out", str(out),
+         tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert data["users"] == "valid" and data["head"] == "dot"
+    row = data["quality"]["given3"]
+    assert set(row) >= {"map_newton", "map_prior1", "map_prior30", "reference_adam60",
+                        "start_only"}
+    assert row["map_prior1"] == row["map_newton"]
+    assert row["map_prior30"] != row["map_newton"]
+    assert data["latency_10_liked"]["map_newton"]["p50_ms"] > 0
+
+
 def test_train_throughput_json_shape(tmp_path):
     out = tmp_path / "t.json"
     _run("train_throughput.py", "--data", "demo", "--variants", "id,text+image", "--epochs",
