@@ -23,8 +23,8 @@ HEADS = ("neumf", "dot")
 INIT_STD = {"neumf": 0.01, "dot": 0.1}
 # fold_in (a new user's vector, `BoNMF.fold_in_many`): Newton steps, negatives per liked item,
 # the weight of the population prior per head. Chosen on the `cold_users` validation users of
-# ML-1M (benchmarks/fold_in.py; benchmarks/RESULTS.md): the dot head's trained user vectors
-# spread less than NeuMF's, so a weaker weight on their covariance serves it best.
+# ML-1M (benchmarks/fold_in.py --split valid --priors; benchmarks/RESULTS.md): at NeuMF's 3
+# the dot head's new users stayed at popularity's level; 1 lets three revealed items move them.
 FOLD_IN_STEPS, FOLD_IN_NEGATIVES = 5, 4
 FOLD_IN_PRIOR = {"neumf": 3.0, "dot": 1.0}
 # Options older artifacts may carry (always 0 in the ones this version can score).
