@@ -21,7 +21,8 @@ def map_gradient(model, items, liked, start):
             logits = model.score_sides(model.user_side(u[None]), items)[0]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels, weight=weights, reduction="sum")
-            loss = loss + FOLD_IN_PRIOR[model.config.head] / 2 * (u - start) @ precision @ (u - start)
+            weight = FOLD_IN_PRIOR[model.config.head]
+            loss = loss + weight / 2 * (u - start) @ precision @ (u - start)
             return torch.autograd.grad(loss, [u])[0]
 
     return gradient
