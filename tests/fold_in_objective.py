@@ -13,7 +13,8 @@ def map_gradient(model, items, liked, start):
     _, precision = model.user_prior()
     labels = torch.zeros(n_items)
     labels[list(liked)] = 1
-    weights = torch.where(labels > 0, 1.0, FOLD_IN_NEGATIVES * len(liked) / (n_items - len(liked)))
+    spread = FOLD_IN_NEGATIVES * len(liked) / (n_items - len(liked))
+    weights = torch.where(labels > 0, 1.0, spread)
 
     def gradient(u):
         u = u.clone().requires_grad_()
