@@ -182,6 +182,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     embedding_reg: float = Field(0.0025, ge=0, description="L2 on each batch's user/item "
                                                            "vectors")
+    optimizer: Literal["adam", "adagrad", "sgd"] = Field(
+        "adam", description="adam | adagrad (lr on the batch's mean loss) | sgd (lr per "
+                            "training pair: plain per-example SGD, Rendle et al.'s 0.002)")
     lr_decay: float = Field(1.0, gt=0, le=1, description="learning rate × this every epoch")
     patience: int = Field(5, ge=1, description="epochs without validation gain before "
                                                "stopping")
@@ -257,12 +260,6 @@ class ItemKnnConfig(Section):
         return ks
 
 
-class MfTrainConfig(TrainConfig):
-    """A TrainConfig that also names its optimizer (the `mf` baseline's schedule)."""
-
-    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
-
-
 class MfConfig(Section):
     """The `mf` baseline: dot-product MF with user, item and global biases trained with the
     logistic loss over sampled negatives, the recipe of Rendle, Krichene, Zhang, Anderson 2020
@@ -296,10 +293,10 @@ class MfConfig(Section):
             raise ValueError(f"every dimension must be >= 1, got {dims}")
         return dims
 
-    def as_train(self, metric: str) -> MfTrainConfig:
+    def as_train(self, metric: str) -> TrainConfig:
         """This schedule as the trainer's config (logistic loss, early-stopping on `metric`):
         every field is set here, none taken from TrainConfig's defaults."""
-        return MfTrainConfig(loss="bce", metric=metric, weight_decay=0.0, embedding_reg=self.l2,
+        return TrainConfig(loss="bce", metric=metric, weight_decay=0.0, embedding_reg=self.l2,
                              **self.model_dump(exclude={"dims", "l2", "init_std"}))
 
 

@@ -198,8 +198,10 @@ def train_with_refit(build: Callable[[], nn.Module], split: Split, cfg: TrainCon
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, unless the schedule names another (`optimizer`: the `mf` baseline's MfTrainConfig)."""
-    kind = getattr(cfg, "optimizer", "adam")
+    """`cfg.optimizer`. Under sgd the learning rate is per training pair: `_loss_scale` turns
+    the batch's mean loss into its sum, so a step of B pairs moves each vector as B per-example
+    SGD steps would (to first order) whatever the batch size."""
+    kind = cfg.optimizer
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 fused=True)
@@ -222,7 +224,7 @@ def _run_epoch(model, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple[float
     for s in range(0, len(users), groups):
         loss = _loss(model, users[s:s + groups], items[s:s + groups], labels, cfg)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * _loss_scale(cfg, items[s:s + groups].numel())).backward()
         optimizer.step()
         total += loss.item() * len(users[s:s + groups])
     return total / len(users), len(users) * items.shape[1]
@@ -247,11 +249,17 @@ def _run_epoch_sharded(ddp, optimizer, sampler, u_pos, i_pos, cfg, gen) -> tuple
         lo, hi = s + n * rank // size, s + n * (rank + 1) // size
         loss = _loss(ddp, users[lo:hi], items[lo:hi], labels, cfg)
         optimizer.zero_grad(set_to_none=True)
-        (loss * ((hi - lo) * size / n)).backward()
+        (loss * ((hi - lo) * size / n) * _loss_scale(cfg, n * items.shape[1])).backward()
         optimizer.step()
         total += loss.item() * (hi - lo)
         done += n
     return distributed.all_reduce_sum(total) / done, done * items.shape[1]
+
+
+def _loss_scale(cfg: TrainConfig, pairs: int) -> float:
+    """What the batch's mean loss is multiplied by before backward: its pair count under sgd
+    (a learning rate per training pair), else 1."""
+    return float(pairs) if cfg.optimizer == "sgd" else 1.0
 
 
 def _epoch_pairs(sampler, u_pos, i_pos, cfg, gen):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bonmf_core.config import BASELINE_VARIANTS, MfTrainConfig, load_config
+from bonmf_core.config import BASELINE_VARIANTS, TrainConfig, load_config
 from bonmf_core.data.splits import cold_item_split, leave_one_out_split, ratio_split
 from bonmf_core.errors import ConfigError
 from bonmf_core.evaluation.evaluator import evaluate
@@ -110,7 +110,9 @@ def test_the_configured_optimizer_is_used(small_demo, ncf_split, optimizer, monk
     monkeypatch.setattr(training, "_optimizer",
                         lambda model, cfg: made.append(type(real(model, cfg)).__name__)
                         or real(model, cfg))
-    cfg = _cfg("mf.epochs=1", "mf.dims=[8]", f"mf.optimizer={optimizer}", "mf.lr=0.05")
+    # sgd's learning rate is per training pair, adagrad's on the batch's mean loss
+    lr = {"adagrad": 0.05, "sgd": 0.002}[optimizer]
+    cfg = _cfg("mf.epochs=1", "mf.dims=[8]", f"mf.optimizer={optimizer}", f"mf.lr={lr}")
     variants.fit_variant("mf", small_demo, ncf_split, cfg, 0, {})
     assert made == [{"adagrad": "Adagrad", "sgd": "SGD"}[optimizer]] * 2   # search + refit
 
@@ -119,7 +121,7 @@ def test_schedule_is_complete_without_train_defaults():
     cfg = _cfg("mf.lr=0.05", "mf.l2=0.02", "mf.negatives=12", "train.metric=hr@5",
                "train.negatives=1", "train.embedding_reg=0.9", "mf.optimizer=sgd")
     schedule = cfg.mf.as_train(cfg.train.metric)
-    assert isinstance(schedule, MfTrainConfig)
+    assert isinstance(schedule, TrainConfig)
     assert (schedule.loss, schedule.lr, schedule.metric, schedule.negatives) == \
         ("bce", 0.05, "hr@5", 12)
     assert schedule.embedding_reg == 0.02 and schedule.weight_decay == 0.0

@@ -222,3 +222,46 @@ def test_early_stopping_on_any_metric_and_k(small_demo, loo):
     _, result = fit_variant("id", small_demo, loo, params, 0, {})
     assert result.best_metric == max(h["valid"]["hr@5"] for h in result.history)
     assert "hr@10" not in result.history[0]["valid"]
+
+
+def test_sgd_learning_rate_is_per_training_pair_as_per_example_sgd():
+    """One sgd step over a batch moves the weights as the per-example loop of Rendle et al.
+    (logistic loss + reg·(‖u‖² + ‖i‖²) per pair, one step each) does, to first order in lr,
+    so `train.lr` keeps its meaning whatever the batch size."""
+    from bonmf_core.training import _epoch_pairs, _optimizer, _run_epoch
+    from test_model import _model
+
+    users = np.repeat(np.arange(6), 3)
+    items = (users * 5 + np.tile(np.arange(3), 6)) % 20
+    sampler = NegativeSampler(users, items, 30, 20, np.arange(20), torch.Generator())
+    u_pos, i_pos = torch.tensor(users), torch.tensor(items)
+    cfg = TrainConfig(optimizer="sgd", lr=1e-4, negatives=2, embedding_reg=0.01)
+
+    batched = _model(head="dot").train()
+    looped = _model(head="dot").train()
+    start = {k: v.clone() for k, v in batched.state_dict().items()}
+    sampler.gen.manual_seed(7)
+    _run_epoch(batched, _optimizer(batched, cfg), sampler, u_pos, i_pos, cfg, torch.Generator()
+               .manual_seed(3))
+    sampler.gen.manual_seed(7)
+    rows_u, rows_i, _, groups = _epoch_pairs(sampler, u_pos, i_pos, cfg,
+                                             torch.Generator().manual_seed(3))
+    assert groups >= len(rows_u)   # the whole epoch is one step
+    step = torch.optim.SGD(looped.parameters(), lr=cfg.lr)
+    for u, row in zip(rows_u, rows_i):
+        for col, i in enumerate(row):
+            logit = looped(u[None], i[None])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, torch.tensor([1.0 if col == 0 else 0.0]))
+            loss = loss + cfg.embedding_reg * (looped.user_vectors(u[None]).square().sum()
+                                               + looped.item_vectors(i[None]).square().sum())
+            step.zero_grad()
+            loss.backward()
+            step.step()
+    moved = {k: (looped.state_dict()[k] - start[k]).abs().max() for k in start
+             if start[k].is_floating_point()}
+    assert max(moved.values()) > 1e-5           # the loop did move the weights
+    for k, v in batched.state_dict().items():
+        if v.is_floating_point():
+            diff = (v - looped.state_dict()[k]).abs().max()
+            assert diff <= 0.01 * max(moved[k], 1e-12) + 1e-9, k
