@@ -24,7 +24,7 @@ and labels live on the CPU and the model is never moved), so this measures a pla
 is `training._run_epoch` with a device (on the CPU it reproduces `train`'s epoch loss to the
 last digit: tests/test_cost_benchmarks.py): the same negative sampler and epoch pairs
 (`_epoch_pairs`, on the CPU, as in `train`), the same loss (`_loss`), the same optimizer
-(`_optimizer`: fused Adam) and batches; the model and the epoch's tensors are moved to the
+(`_optimizers`: fused Adam by default) and batches; the model and the epoch's tensors are moved to the
 device once. CUDA: a few warm-up steps, then one full epoch (samples/s of the steps alone and
 of the whole epoch with its negative sampling); CPU reference: the first `--cpu-steps` steps
 of an epoch in the same loop (steps-only samples/s, the comparable figure).
@@ -224,7 +224,8 @@ def train_steps(model, split, cfg, device, max_steps: int | None, warmup_steps: 
     `warmup_steps` steps on a separate epoch draw → timings and samples/s."""
     import torch
 
-    from bonmf_core.training import NegativeSampler, _epoch_pairs, _loss, _optimizer
+    from bonmf_core.training import (NegativeSampler, _epoch_pairs, _loss, _loss_scale,
+                                     _optimizers)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -239,7 +240,7 @@ def train_steps(model, split, cfg, device, max_steps: int | None, warmup_steps: 
     u_pos = torch.tensor(users, dtype=torch.long)
     i_pos = torch.tensor(items, dtype=torch.long)
     model.to(device)
-    optimizer = _optimizer(model, cfg)
+    optimizers = _optimizers(model, cfg)
     model.train()
 
     def run(steps_cap):
@@ -253,9 +254,11 @@ def train_steps(model, split, cfg, device, max_steps: int | None, warmup_steps: 
         total = 0.0
         for s in range(0, len(u), groups):
             loss = _loss(model, u[s:s + groups], it[s:s + groups], labels, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            (loss * _loss_scale(cfg, it[s:s + groups].numel())).backward()
+            for opt in optimizers:
+                opt.step()
             n = min(groups, len(u) - s)
             total += loss.item() * n
             steps, done = steps + 1, done + n

@@ -106,10 +106,14 @@ def test_the_configured_optimizer_is_used(small_demo, ncf_split, optimizer, monk
     import bonmf_core.training as training
 
     made = []
-    real = training._optimizer
-    monkeypatch.setattr(training, "_optimizer",
-                        lambda model, cfg: made.append(type(real(model, cfg)).__name__)
-                        or real(model, cfg))
+    real = training._optimizers
+
+    def spy(model, cfg):
+        optimizers = real(model, cfg)
+        made.append(" + ".join(type(o).__name__ for o in optimizers))
+        return optimizers
+
+    monkeypatch.setattr(training, "_optimizers", spy)
     # sgd's learning rate is per training pair, adagrad's on the batch's mean loss
     lr = {"adagrad": 0.05, "sgd": 0.002}[optimizer]
     cfg = _cfg("mf.epochs=1", "mf.dims=[8]", f"mf.optimizer={optimizer}", f"mf.lr={lr}")

@@ -228,7 +228,7 @@ def test_sgd_learning_rate_is_per_training_pair_as_per_example_sgd():
     """One sgd step over a batch moves the weights as the per-example loop of Rendle et al.
     (logistic loss + reg·(‖u‖² + ‖i‖²) per pair, one step each) does, to first order in lr,
     so `train.lr` keeps its meaning whatever the batch size."""
-    from bonmf_core.training import _epoch_pairs, _optimizer, _run_epoch
+    from bonmf_core.training import _epoch_pairs, _optimizers, _run_epoch
     from test_model import _model
 
     users = np.repeat(np.arange(6), 3)
@@ -241,7 +241,7 @@ def test_sgd_learning_rate_is_per_training_pair_as_per_example_sgd():
     looped = _model(head="dot").train()
     start = {k: v.clone() for k, v in batched.state_dict().items()}
     sampler.gen.manual_seed(7)
-    _run_epoch(batched, _optimizer(batched, cfg), sampler, u_pos, i_pos, cfg, torch.Generator()
+    _run_epoch(batched, _optimizers(batched, cfg), sampler, u_pos, i_pos, cfg, torch.Generator()
                .manual_seed(3))
     sampler.gen.manual_seed(7)
     rows_u, rows_i, _, groups = _epoch_pairs(sampler, u_pos, i_pos, cfg,
@@ -265,3 +265,37 @@ def test_sgd_learning_rate_is_per_training_pair_as_per_example_sgd():
         if v.is_floating_point():
             diff = (v - looped.state_dict()[k]).abs().max()
             assert diff <= 0.01 * max(moved[k], 1e-12) + 1e-9, k
+
+
+def test_sgd_keeps_the_shared_content_layers_on_adam():
+    """Per-pair SGD suits the per-row tables; a projection every item shares would sum all the
+    batch's pair gradients into one step, so it takes Adam (a step the summed loss does not
+    rescale)."""
+    from bonmf_core.training import _optimizers
+    from test_model import _model
+
+    model = _model(modalities=("id", "text"), head="dot")
+    sgd, adam = _optimizers(model, TrainConfig(optimizer="sgd", lr=0.003))
+    assert (type(sgd).__name__, type(adam).__name__) == ("SGD", "Adam")
+    ids = lambda opt: {id(p) for g in opt.param_groups for p in g["params"]}
+    tables = {id(model.user_embedding.weight), id(model.item_embedding.weight), id(model.bias)}
+    assert ids(sgd) == tables
+    assert ids(adam) == {id(p) for p in model.content.parameters()}
+    assert {g["lr"] for o in (sgd, adam) for g in o.param_groups} == {0.003}
+    (only,) = _optimizers(_model(head="dot"), TrainConfig(optimizer="sgd"))
+    assert type(only).__name__ == "SGD"
+
+
+def test_a_content_model_trains_under_per_pair_sgd(small_demo):
+    params = load_config(flags={"train": {"refit": False, **FAST, "epochs": 6, "patience": 3,
+                                          "optimizer": "sgd", "lr": 0.01},
+                                "model": {"head": "dot", "gmf_dim": 16}},
+                         use_default_file=False)
+    split = cold_item_split(small_demo, seed=0)
+    feats, _ = basic_content_features(small_demo, ["text"], EncodersConfig())
+    model, result = fit_variant("text", small_demo, split, params, 0, feats)
+    losses = [r["loss"] for r in result.history]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    pop = evaluate(Popularity(small_demo.n_items).fit(split.train), split)
+    # cold items are scored from the content projection alone: it learned under sgd
+    assert evaluate(model, split)["ndcg@10"] > pop["ndcg@10"] + 0.3
