@@ -184,7 +184,9 @@ class TrainConfig(Section):
                                                            "vectors")
     optimizer: Literal["adam", "adagrad", "sgd"] = Field(
         "adam", description="adam | adagrad (lr on the batch's mean loss) | sgd (lr per "
-                            "training pair: plain per-example SGD, Rendle et al.'s 0.002)")
+                            "training pair: per-example SGD, Rendle et al.'s 0.002, for the "
+                            "embedding tables; shared layers such as the content "
+                            "projections take Adam at the same lr)")
     lr_decay: float = Field(1.0, gt=0, le=1, description="learning rate × this every epoch")
     patience: int = Field(5, ge=1, description="epochs without validation gain before "
                                                "stopping")
