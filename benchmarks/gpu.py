@@ -23,9 +23,9 @@ widths (384 text, 1280 image). `training.train` has no device support (its sampl
 and labels live on the CPU and the model is never moved), so this measures a plain loop that
 is `training._run_epoch` with a device (on the CPU it reproduces `train`'s epoch loss to the
 last digit: tests/test_cost_benchmarks.py): the same negative sampler and epoch pairs
-(`_epoch_pairs`, on the CPU, as in `train`), the same loss (`_loss`), the same optimizer
-(`_optimizers`: fused Adam by default) and batches; the model and the epoch's tensors are moved to the
-device once. CUDA: a few warm-up steps, then one full epoch (samples/s of the steps alone and
+(`_epoch_pairs`, on the CPU, as in `train`), the same loss (`_loss`, scaled by `_loss_scale`),
+the same optimizers (`_optimizers`: fused Adam by default) and batches; the model and the
+epoch's tensors are moved to the device once. CUDA: a few warm-up steps, then one full epoch (samples/s of the steps alone and
 of the whole epoch with its negative sampling); CPU reference: the first `--cpu-steps` steps
 of an epoch in the same loop (steps-only samples/s, the comparable figure).
 """

@@ -299,7 +299,7 @@ class MfConfig(Section):
         """This schedule as the trainer's config (logistic loss, early-stopping on `metric`):
         every field is set here, none taken from TrainConfig's defaults."""
         return TrainConfig(loss="bce", metric=metric, weight_decay=0.0, embedding_reg=self.l2,
-                             **self.model_dump(exclude={"dims", "l2", "init_std"}))
+                           **self.model_dump(exclude={"dims", "l2", "init_std"}))
 
 
 class EncodersConfig(Section):
