@@ -23,11 +23,11 @@ widths (384 text, 1280 image). `training.train` has no device support (its sampl
 and labels live on the CPU and the model is never moved), so this measures a plain loop that
 is `training._run_epoch` with a device (on the CPU it reproduces `train`'s epoch loss to the
 last digit: tests/test_cost_benchmarks.py): the same negative sampler and epoch pairs
-(`_epoch_pairs`, on the CPU, as in `train`), the same loss (`_loss`, scaled by `_loss_scale`),
-the same optimizers (`_optimizers`: fused Adam by default) and batches; the model and the
-epoch's tensors are moved to the device once. CUDA: a few warm-up steps, then one full epoch (samples/s of the steps alone and
-of the whole epoch with its negative sampling); CPU reference: the first `--cpu-steps` steps
-of an epoch in the same loop (steps-only samples/s, the comparable figure).
+(`_epoch_pairs`, on the CPU, as in `train`), the same step (`_train_step`), the same optimizers
+(`_optimizers`: fused Adam by default) and batches; the model and the epoch's tensors are moved
+to the device once. CUDA: a few warm-up steps, then one full epoch (samples/s of the steps
+alone and of the whole epoch with its negative sampling); CPU reference: the first
+`--cpu-steps` steps of an epoch in the same loop (steps-only samples/s, the comparable figure).
 """
 
 from __future__ import annotations
@@ -224,8 +224,7 @@ def train_steps(model, split, cfg, device, max_steps: int | None, warmup_steps: 
     `warmup_steps` steps on a separate epoch draw → timings and samples/s."""
     import torch
 
-    from bonmf_core.training import (NegativeSampler, _epoch_pairs, _loss, _loss_scale,
-                                     _optimizers)
+    from bonmf_core.training import NegativeSampler, _epoch_pairs, _optimizers, _train_step
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -253,14 +252,10 @@ def train_steps(model, split, cfg, device, max_steps: int | None, warmup_steps: 
         steps = done = 0
         total = 0.0
         for s in range(0, len(u), groups):
-            loss = _loss(model, u[s:s + groups], it[s:s + groups], labels, cfg)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            (loss * _loss_scale(cfg, it[s:s + groups].numel())).backward()
-            for opt in optimizers:
-                opt.step()
-            n = min(groups, len(u) - s)
-            total += loss.item() * n
+            batch = it[s:s + groups]
+            n = len(batch)
+            total += _train_step(model, optimizers, u[s:s + groups], batch, labels, cfg,
+                                 pairs=batch.numel()) * n
             steps, done = steps + 1, done + n
             if steps_cap and steps >= steps_cap:
                 break

@@ -235,13 +235,9 @@ def _run_epoch(model, optimizers, sampler, u_pos, i_pos, cfg, gen) -> tuple[floa
     users, items, labels, groups = _epoch_pairs(sampler, u_pos, i_pos, cfg, gen)
     total = 0.0
     for s in range(0, len(users), groups):
-        loss = _loss(model, users[s:s + groups], items[s:s + groups], labels, cfg)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        (loss * _loss_scale(cfg, items[s:s + groups].numel())).backward()
-        for opt in optimizers:
-            opt.step()
-        total += loss.item() * len(users[s:s + groups])
+        batch = items[s:s + groups]
+        total += _train_step(model, optimizers, users[s:s + groups], batch, labels, cfg,
+                             pairs=batch.numel()) * len(batch)
     return total / len(users), len(users) * items.shape[1]
 
 
@@ -262,15 +258,23 @@ def _run_epoch_sharded(ddp, optimizers, sampler, u_pos, i_pos, cfg, gen) -> tupl
         if n < size:
             break
         lo, hi = s + n * rank // size, s + n * (rank + 1) // size
-        loss = _loss(ddp, users[lo:hi], items[lo:hi], labels, cfg)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        (loss * ((hi - lo) * size / n) * _loss_scale(cfg, n * items.shape[1])).backward()
-        for opt in optimizers:
-            opt.step()
-        total += loss.item() * (hi - lo)
+        total += _train_step(ddp, optimizers, users[lo:hi], items[lo:hi], labels, cfg,
+                             pairs=n * items.shape[1], weight=(hi - lo) * size / n) * (hi - lo)
         done += n
     return distributed.all_reduce_sum(total) / done, done * items.shape[1]
+
+
+def _train_step(model, optimizers, users, items, labels, cfg, *, pairs: int,
+                weight: float = 1.0) -> float:
+    """One step of every optimizer on the batch's mean loss × `weight` × `_loss_scale` (`pairs`
+    is the whole batch's pair count, a DDP shard's too) → the unweighted mean loss."""
+    loss = _loss(model, users, items, labels, cfg)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    (loss * (weight * _loss_scale(cfg, pairs))).backward()
+    for opt in optimizers:
+        opt.step()
+    return loss.item()
 
 
 def _loss_scale(cfg: TrainConfig, pairs: int) -> float:
