@@ -216,8 +216,9 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
         raise ValueError(f"unknown optimizer {kind!r}")
     rows = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
             for p in m.parameters(recurse=False)}
-    per_pair = [p for p in params if id(p) in rows or p.dim() == 0]
-    shared = [p for p in params if not (id(p) in rows or p.dim() == 0)]
+    per_pair, shared = [], []
+    for p in params:
+        (per_pair if id(p) in rows or p.dim() == 0 else shared).append(p)
     optimizers = [torch.optim.SGD(per_pair, lr=cfg.lr, weight_decay=cfg.weight_decay)]
     if shared:
         optimizers.append(torch.optim.Adam(shared, lr=cfg.lr, weight_decay=cfg.weight_decay,
